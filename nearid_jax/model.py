@@ -1,0 +1,157 @@
+"""NearID: frozen SigLIP2 tower + trainable MAP head, and its public API."""
+import os
+import shutil
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nearid_jax import preprocess
+from nearid_jax import vit
+from nearid_jax.formats import bigvision
+from nearid_jax.formats import common
+from nearid_jax.formats import hf
+import nearid_jax.formats as formats
+
+# Top-level canonical entries that belong to the trainable head.
+HEAD_KEYS = ("MAPHead_0", "proj")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def split_params(flat, arch, scan):
+  """Canonical flat dict -> {"img": tower tree, "head": head tree}."""
+  tower = {k: v for k, v in flat.items() if not k.startswith(HEAD_KEYS)}
+  head = {k: v for k, v in flat.items() if k.startswith(HEAD_KEYS)}
+  if scan:
+    tower = common.scan(tower, arch.depth)
+  return {"img": common.unflatten(tower), "head": common.unflatten(head)}
+
+
+def join_params(params, scan):
+  """Inverse of split_params, as float32 numpy."""
+  tower = common.flatten(jax.device_get(params["img"]))
+  if scan:
+    tower = common.unscan(tower)
+  flat = {**tower, **common.flatten(jax.device_get(params["head"]))}
+  return {k: np.asarray(v, np.float32) for k, v in flat.items()}
+
+
+def forward(tower, head, params, images):
+  """Images in [-1, 1] -> L2-normalised embeddings; the tower is frozen."""
+  tokens = tower.apply({"params": params["img"]}, images.astype(tower.dtype))
+  # Frozen: no gradient ever reaches the tower.
+  tokens = jax.lax.stop_gradient(tokens)
+  return head.apply({"params": params["head"]}, tokens)
+
+
+class NearID:
+  """An identity embedder. Build it with `NearID.load(path)`."""
+
+  def __init__(self, arch, params, *, out_dim=None, dtype="float32",
+               scan=None, remat=False, resize="pil", batch_size=32):
+    if dtype not in DTYPES:
+      raise ValueError(f"dtype {dtype!r}: one of {sorted(DTYPES)}")
+    if resize not in preprocess.RESIZE_METHODS:
+      raise ValueError(f"resize {resize!r}: one of "
+                       f"{preprocess.RESIZE_METHODS}")
+    self.arch = arch
+    self.out_dim = out_dim or arch.width
+    self.scan = arch.depth > 12 if scan is None else scan
+    self.resize = resize
+    self.batch_size = batch_size
+    self.tower = vit.VisionTower(arch, scan=self.scan, remat=remat,
+                                 dtype=DTYPES[dtype])
+    self.head = vit.NearIDHead(arch, out_dim)
+    self.params = params
+    self._forward = jax.jit(lambda p, x: forward(self.tower, self.head, p, x))
+
+  @classmethod
+  def load(cls, path, *, image_size=None, out_dim=None, seed=0, **kw):
+    """Loads any checkpoint of SPEC.md §2 (the architecture comes from shapes).
+
+    image_size: run at another resolution (position embeddings resampled).
+    out_dim: add a Dense projection to this width (fresh, from `seed`) when it
+      differs from the tower's width and the checkpoint has none.
+    Other keywords go to the constructor (dtype, scan, remat, resize, ...).
+    """
+    flat, arch = formats.load(path)
+    if image_size and image_size != arch.image_size:
+      arch = arch.replace(image_size=image_size)
+      flat["pos_embedding"] = common.resample_posemb(flat["pos_embedding"],
+                                                     arch.grid)
+    wants_proj = bool(out_dim) and out_dim != arch.width
+    has_proj = any(k.startswith("proj/") for k in flat)
+    if wants_proj and not has_proj:
+      flat.update(_fresh_projection(arch, out_dim, seed))
+    elif has_proj:
+      out_dim = flat["proj/kernel"].shape[1]
+    common.check(flat, arch, os.fspath(path), out_dim)
+    scan = kw.pop("scan", None)
+    scan = arch.depth > 12 if scan is None else scan
+    params = split_params(flat, arch, scan)
+    return cls(arch, jax.device_put(params), out_dim=out_dim, scan=scan, **kw)
+
+  def embed(self, images):
+    """uint8 (B, H, W, 3) or a list of PIL images -> float32 (B, D), unit norm."""
+    x = preprocess.preprocess(images, self.arch.image_size, self.resize)
+    out = []
+    for i in range(0, len(x), self.batch_size):
+      chunk = x[i:i + self.batch_size]
+      # Pad to a power of two (capped at batch_size): few compiled shapes.
+      size = min(self.batch_size, 1 << (len(chunk) - 1).bit_length())
+      padded = np.pad(chunk, [(0, size - len(chunk))] + [(0, 0)] * 3)
+      out.append(np.asarray(self._forward(self.params, padded))[:len(chunk)])
+    if not out:
+      return np.zeros((0, self.out_dim), np.float32)
+    return np.concatenate(out).astype(np.float32)
+
+  def flat_params(self):
+    """Canonical (big_vision, unrolled) float32 tree of tower and head."""
+    return join_params(self.params, self.scan)
+
+  def export(self, out_dir, format="nearid", dtype="float32", overwrite=False):  # pylint: disable=redefined-builtin
+    """Writes a NearID release dir, a SiglipVisionModel dir or a big_vision npz.
+
+    The directory appears whole or not at all: it is written beside its
+    destination and renamed into place.
+    """
+    if format not in formats.EXPORT_FORMATS:
+      raise ValueError(f"unknown export format {format!r}: one of "
+                       f"{formats.EXPORT_FORMATS}")
+    if dtype not in ("float32", "float16"):
+      raise ValueError(f"export dtype {dtype!r}: 'float32' or 'float16'")
+    if self.out_dim != self.arch.width and format != "big_vision":
+      raise ValueError(
+          f"format {format!r} has no place for the projection to "
+          f"{self.out_dim} dims; export format='big_vision' instead")
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    if os.path.exists(out_dir) and not overwrite:
+      raise FileExistsError(f"{out_dir} exists; pass overwrite=True to "
+                            "replace it")
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
+    try:
+      flat = self.flat_params()
+      if format == "big_vision":
+        bigvision.save(os.path.join(tmp, "params.npz"),
+                       {k: v.astype(dtype) for k, v in flat.items()},
+                       scanned=self.scan, two_tower=False)
+      else:
+        hf.save(tmp, flat, self.arch, format, dtype)
+      if os.path.exists(out_dir):
+        shutil.rmtree(out_dir)
+      os.replace(tmp, out_dir)
+    finally:
+      if os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    return out_dir
+
+
+def _fresh_projection(arch, out_dim, seed):
+  head = vit.NearIDHead(arch, out_dim)
+  tokens = jnp.zeros((1, arch.num_patches, arch.width))
+  params = head.init(jax.random.PRNGKey(seed), tokens)["params"]
+  return {f"proj/{k}": np.asarray(v) for k, v in
+          common.flatten(params["proj"]).items()}

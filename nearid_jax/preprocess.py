@@ -1,0 +1,58 @@
+"""SPEC.md preprocessing: squash-resize to res x res, bilinear, then [-1, 1].
+
+Two resize flavours: "pil" (default) is PIL bilinear, antialiased when
+downscaling, exactly what transformers' SiglipImageProcessor does, so an
+exported model scores images as we do. "tf" is bilinear without antialias
+and with half-pixel centres, as big_vision's tf.image.resize.
+"""
+import jax
+import numpy as np
+from PIL import Image
+
+RESIZE_METHODS = ("pil", "tf")
+
+
+def as_uint8_images(images):
+  """A uint8 (B, H, W, 3) array or a list of PIL images / (H, W, 3) arrays."""
+  if isinstance(images, np.ndarray):
+    if images.ndim != 4:
+      raise ValueError(f"images: expected a (B, H, W, 3) array, got shape "
+                       f"{images.shape}")
+    images = list(images)
+  out = []
+  for i, im in enumerate(images):
+    if isinstance(im, Image.Image):
+      im = np.asarray(im.convert("RGB"))  # as SiglipImageProcessor does
+    im = np.asarray(im)
+    if im.ndim != 3 or im.shape[-1] != 3:
+      raise ValueError(f"image {i}: expected (H, W, 3) RGB, got shape "
+                       f"{im.shape}")
+    if im.dtype != np.uint8:
+      raise ValueError(f"image {i}: expected dtype uint8 (0..255), got "
+                       f"{im.dtype}")
+    out.append(im)
+  return out
+
+
+def resize(image, res, method="pil"):
+  """uint8 (H, W, 3) -> float32 (res, res, 3) in [-1, 1]."""
+  if method == "pil":
+    if image.shape[:2] != (res, res):
+      image = np.asarray(Image.fromarray(image).resize((res, res),
+                                                       Image.BILINEAR))
+    x = image.astype(np.float32)
+  elif method == "tf":
+    x = np.asarray(jax.image.resize(image.astype(np.float32), (res, res, 3),
+                                    "bilinear", antialias=False))
+  else:
+    raise ValueError(f"unknown resize method {method!r}: one of "
+                     f"{RESIZE_METHODS}")
+  return x / 127.5 - 1.0
+
+
+def preprocess(images, res, method="pil"):
+  """-> float32 (B, res, res, 3) in [-1, 1]."""
+  ims = as_uint8_images(images)
+  if not ims:
+    return np.zeros((0, res, res, 3), np.float32)
+  return np.stack([resize(im, res, method) for im in ims])

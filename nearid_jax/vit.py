@@ -1,0 +1,204 @@
+"""SigLIP2 image tower and MAP head in Flax, with big_vision's parameter names.
+
+Parameter trees match big_vision's `models/vit.py` under `params/img`, so a
+released SigLIP2 `.npz` maps onto these modules without renaming.
+"""
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+import numpy as np
+
+# name: (width, depth, mlp_dim, num_heads), as big_vision's decode_variant.
+# "pico" is ours: a SigLIP2-shaped tower small enough for CPU tests and the demo.
+VARIANTS = {
+    "pico": (64, 2, 256, 4),
+    "mu": (32, 1, 128, 2),
+    "Ti": (192, 12, 768, 3),
+    "S": (384, 12, 1536, 6),
+    "M": (512, 12, 2048, 8),
+    "B": (768, 12, 3072, 12),
+    "L": (1024, 24, 4096, 16),
+    "So400m": (1152, 27, 4304, 16),
+    "H": (1280, 32, 5120, 16),
+    "g": (1408, 40, 6144, 16),
+    "g-opt": (1536, 40, 6144, 16),
+    "G": (1664, 48, 8192, 16),
+}
+
+# The fixed-resolution SigLIP2 towers Google released ("variant@res").
+SIGLIP2_FIXED_RES = (
+    "B/32@256", "B/16@224", "B/16@256", "B/16@384", "B/16@512",
+    "L/16@256", "L/16@384", "L/16@512", "So400m/14@224", "So400m/14@384",
+    "So400m/16@256", "So400m/16@384", "So400m/16@512", "g-opt/16@256",
+    "g-opt/16@384",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Arch:
+  """Shape of a SigLIP2 image tower; everything else follows from it."""
+  width: int
+  depth: int
+  mlp_dim: int
+  num_heads: int
+  patch_size: int
+  image_size: int
+
+  def __post_init__(self):
+    if self.image_size % self.patch_size:
+      raise ValueError(f"image_size {self.image_size} is not a multiple of "
+                       f"patch_size {self.patch_size}")
+    if self.width % self.num_heads:
+      raise ValueError(f"width {self.width} is not divisible by num_heads "
+                       f"{self.num_heads}")
+
+  @property
+  def grid(self):
+    return self.image_size // self.patch_size
+
+  @property
+  def num_patches(self):
+    return self.grid ** 2
+
+  @property
+  def head_dim(self):
+    return self.width // self.num_heads
+
+  def replace(self, **kw):
+    return dataclasses.replace(self, **kw)
+
+  @classmethod
+  def from_variant(cls, variant, image_size=None):
+    """"So400m/14" with image_size, or "So400m/14@384"."""
+    if "@" in variant:
+      variant, res = variant.split("@")
+      image_size = int(res)
+    name, _, patch = variant.partition("/")
+    if name not in VARIANTS or not patch.isdigit():
+      raise ValueError(f"unknown variant {variant!r}: expected NAME/PATCH with "
+                       f"NAME one of {sorted(VARIANTS)}")
+    if image_size is None:
+      raise ValueError(f"variant {variant!r} needs an image size (e.g. "
+                       f"{variant}@224)")
+    width, depth, mlp, heads = VARIANTS[name]
+    return cls(width, depth, mlp, heads, int(patch), int(image_size))
+
+
+class MlpBlock(nn.Module):
+  mlp_dim: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    d = x.shape[-1]
+    x = nn.Dense(self.mlp_dim, dtype=self.dtype, name="Dense_0")(x)
+    x = nn.gelu(x, approximate=True)  # SigLIP's gelu_pytorch_tanh
+    return nn.Dense(d, dtype=self.dtype, name="Dense_1")(x)
+
+
+class Encoder1DBlock(nn.Module):
+  """Pre-LN transformer block. Takes and returns a scan carry."""
+  mlp_dim: int
+  num_heads: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, _=None):
+    y = nn.LayerNorm(name="LayerNorm_0")(x)
+    y = nn.MultiHeadDotProductAttention(
+        num_heads=self.num_heads, dtype=self.dtype,
+        name="MultiHeadDotProductAttention_0")(y, y)
+    x = x + y
+    y = nn.LayerNorm(name="LayerNorm_1")(x)
+    x = x + MlpBlock(self.mlp_dim, self.dtype, name="MlpBlock_0")(y)
+    return x, None
+
+
+class Transformer(nn.Module):
+  depth: int
+  mlp_dim: int
+  num_heads: int
+  scan: bool = False
+  remat: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    block_cls = Encoder1DBlock
+    if self.remat:
+      block_cls = nn.remat(block_cls, prevent_cse=not self.scan)
+    if self.scan:
+      # One compiled block with a leading depth axis on its params: big models
+      # compile in seconds instead of minutes.
+      block = nn.scan(block_cls, variable_axes={"params": 0},
+                      split_rngs={"params": True}, in_axes=nn.broadcast,
+                      length=self.depth)
+      x, _ = block(self.mlp_dim, self.num_heads, self.dtype,
+                   name="encoderblock")(x, None)
+    else:
+      for i in range(self.depth):
+        x, _ = block_cls(self.mlp_dim, self.num_heads, self.dtype,
+                         name=f"encoderblock_{i}")(x, None)
+    return nn.LayerNorm(name="encoder_norm")(x)
+
+
+class VisionTower(nn.Module):
+  """SigLIP2 image encoder up to `encoder_norm`: (B, H, W, 3) -> (B, N, D)."""
+  arch: Arch
+  scan: bool = False
+  remat: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images):
+    a = self.arch
+    x = nn.Conv(a.width, (a.patch_size, a.patch_size),
+                strides=(a.patch_size, a.patch_size), padding="VALID",
+                dtype=self.dtype, name="embedding")(images)
+    n, h, w, d = x.shape
+    x = x.reshape(n, h * w, d)
+    pos = self.param("pos_embedding",
+                     nn.initializers.normal(stddev=1 / np.sqrt(d)),
+                     (1, h * w, d), jnp.float32)
+    x = x + pos
+    return Transformer(a.depth, a.mlp_dim, a.num_heads, self.scan, self.remat,
+                       self.dtype, name="Transformer")(x)
+
+
+class MAPHead(nn.Module):
+  """Multihead attention pooling: a learned probe attends over the tokens."""
+  mlp_dim: int
+  num_heads: int
+
+  @nn.compact
+  def __call__(self, x):
+    n, _, d = x.shape
+    probe = self.param("probe", nn.initializers.xavier_uniform(), (1, 1, d),
+                       jnp.float32)
+    probe = jnp.tile(probe, [n, 1, 1])
+    x = nn.MultiHeadDotProductAttention(
+        num_heads=self.num_heads,
+        kernel_init=nn.initializers.xavier_uniform(),
+        name="MultiHeadDotProductAttention_0")(probe, x)
+    y = nn.LayerNorm(name="LayerNorm_0")(x)
+    x = x + MlpBlock(self.mlp_dim, name="MlpBlock_0")(y)
+    return x[:, 0]
+
+
+class NearIDHead(nn.Module):
+  """The trainable part: MAP head (+ projection if out_dim differs), L2-normed.
+
+  Kept in float32 whatever the backbone's compute dtype: it is what trains.
+  """
+  arch: Arch
+  out_dim: int | None = None
+
+  @nn.compact
+  def __call__(self, tokens):
+    x = MAPHead(self.arch.mlp_dim, self.arch.num_heads,
+                name="MAPHead_0")(tokens.astype(jnp.float32))
+    if self.out_dim and self.out_dim != self.arch.width:
+      x = nn.Dense(self.out_dim, name="proj")(x)
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)

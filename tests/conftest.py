@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny random SigLIP towers saved the way users get them."""
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import numpy as np  # pylint: disable=g-import-not-at-top
+import pytest  # pylint: disable=g-import-not-at-top
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+# Two tiny configs: patch 14 with 4 heads; patch 16 with another width and
+# 6 heads (head_dim 8 vs 12), so head reshapes are tested both ways.
+TINY = {
+    "p14": dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                num_attention_heads=4, image_size=56, patch_size=14),
+    "p16": dict(hidden_size=48, intermediate_size=80, num_hidden_layers=3,
+                num_attention_heads=6, image_size=64, patch_size=16),
+}
+
+
+def random_siglip(name, seed=0):
+  """A transformers SiglipVisionModel with random (non-default) weights."""
+  torch.manual_seed(seed)
+  cfg = transformers.SiglipVisionConfig(**TINY[name])
+  model = transformers.SiglipVisionModel(cfg).eval()
+  with torch.no_grad():  # default init leaves LNs at 1/0 and biases at 0
+    for name, p in model.named_parameters():
+      is_ln_scale = "norm" in name and name.endswith("weight")
+      p.copy_(torch.randn_like(p) * 0.2 + (1.0 if is_ln_scale else 0.0))
+  return model
+
+
+@pytest.fixture(scope="session", params=sorted(TINY))
+def hf_model_dir(request, tmp_path_factory):
+  """(name, directory, torch model) of a saved SiglipVisionModel."""
+  model = random_siglip(request.param)
+  d = tmp_path_factory.mktemp(f"hf_{request.param}")
+  model.save_pretrained(d)
+  return request.param, str(d), model
+
+
+def random_images(n, h, w, seed=0):
+  return np.random.default_rng(seed).integers(0, 256, (n, h, w, 3), np.uint8)
