@@ -135,7 +135,9 @@ class NearID:
     try:
       flat = self.flat_params()
       if format == "big_vision":
-        bigvision.save(os.path.join(tmp, "params.npz"),
+        # The name carries the resolution, as released SigLIP2 files do.
+        name = f"nearid_{self.arch.image_size}.npz"
+        bigvision.save(os.path.join(tmp, name),
                        {k: v.astype(dtype) for k, v in flat.items()},
                        scanned=self.scan, two_tower=False)
       else:

@@ -47,8 +47,10 @@ class Arch:
   image_size: int
 
   def __post_init__(self):
-    if self.image_size % self.patch_size:
-      raise ValueError(f"image_size {self.image_size} is not a multiple of "
+    # Not required to be a multiple: So400m/14@384 has 27x27 patches and
+    # its VALID patchify conv drops the last 6 pixels, as in big_vision and HF.
+    if self.image_size < self.patch_size:
+      raise ValueError(f"image_size {self.image_size} is smaller than "
                        f"patch_size {self.patch_size}")
     if self.width % self.num_heads:
       raise ValueError(f"width {self.width} is not divisible by num_heads "

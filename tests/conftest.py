@@ -9,13 +9,14 @@ import pytest  # pylint: disable=g-import-not-at-top
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-# Two tiny configs: patch 14 with 4 heads; patch 16 with another width and
-# 6 heads (head_dim 8 vs 12), so head reshapes are tested both ways.
+# Two tiny configs: patch 14 with 4 heads at a resolution that is not a
+# multiple of the patch (as So400m/14@384); patch 16 with another width, MLP
+# and head count (head_dim 8 vs 12), so head reshapes are tested both ways.
 TINY = {
     "p14": dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                num_attention_heads=4, image_size=56, patch_size=14),
-    "p16": dict(hidden_size=48, intermediate_size=80, num_hidden_layers=3,
-                num_attention_heads=6, image_size=64, patch_size=16),
+                num_attention_heads=4, image_size=60, patch_size=14),
+    "p16": dict(hidden_size=64, intermediate_size=80, num_hidden_layers=3,
+                num_attention_heads=8, image_size=64, patch_size=16),
 }
 
 

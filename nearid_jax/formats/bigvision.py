@@ -5,6 +5,7 @@ Keys are flat, "/"-separated. Two-tower files keep the image tower under
 image-only trees put it under `params/`, `img/` or at the top level.
 """
 import os
+import re
 import zipfile
 
 import numpy as np
@@ -38,7 +39,9 @@ def load(path):
             if k.startswith(prefix) and not k.startswith(("params/txt/", "txt/"))
             and k[len(prefix):].split("/")[0] in _TOWER_TOP}
   flat = common.unscan(flat)
-  arch = common.infer_arch(flat, path)
+  # Released files carry the resolution in their name: siglip2_so400m14_384.npz
+  m = re.search(r"_(\d+)\.npz$", os.path.basename(path))
+  arch = common.infer_arch(flat, path, int(m.group(1)) if m else None)
   return flat, arch
 
 

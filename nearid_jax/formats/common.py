@@ -79,8 +79,12 @@ def depth_of(flat):
                  default=-1)
 
 
-def infer_arch(flat, source, num_heads=None):
-  """Recovers the tower's shape from tensor shapes (heads from config for HF)."""
+def infer_arch(flat, source, image_size=None):
+  """Recovers the tower's shape from tensor shapes.
+
+  image_size: the resolution when known from elsewhere (a file name); shapes
+  only give grid * patch, which is 378 for So400m/14@384.
+  """
   need = ("embedding/kernel", "pos_embedding",
           f"{BLOCK}_0/MlpBlock_0/Dense_0/kernel")
   for k in need:
@@ -98,14 +102,14 @@ def infer_arch(flat, source, num_heads=None):
     raise CheckpointError(f"{source}: pos_embedding has {n} positions, not a "
                           "square grid")
   q = flat.get(f"{BLOCK}_0/MultiHeadDotProductAttention_0/query/kernel")
-  if num_heads is None:
-    if q is None or q.ndim != 3:
-      raise CheckpointError(f"{source}: cannot read the number of heads from "
-                            "MultiHeadDotProductAttention_0/query/kernel")
-    num_heads = q.shape[1]
+  if q is None or q.ndim != 3:
+    raise CheckpointError(f"{source}: cannot read the number of heads from "
+                          "MultiHeadDotProductAttention_0/query/kernel")
+  if image_size is None or image_size // p != grid:
+    image_size = grid * p
   mlp = flat[f"{BLOCK}_0/MlpBlock_0/Dense_0/kernel"].shape[1]
-  return vit.Arch(int(width), depth_of(flat), int(mlp), int(num_heads), int(p),
-                  grid * int(p))
+  return vit.Arch(int(width), depth_of(flat), int(mlp), int(q.shape[1]),
+                  int(p), int(image_size))
 
 
 def expected_shapes(arch, out_dim=None):

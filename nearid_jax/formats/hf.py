@@ -178,13 +178,19 @@ def _arch(tensors, vcfg, source):
                   if k.startswith("encoder.layers."))
   mlp = tensors["encoder.layers.0.mlp.fc1.weight"].shape[0]
   # SiglipVisionConfig's default is 12 heads when the config omits it.
+  # image_size cannot be read off shapes when it is not a multiple of the
+  # patch (So400m/14@384: 27 * 14 = 378): the config has it.
+  res = int(vcfg.get("image_size", grid * p))
+  if res // p != grid:
+    raise common.CheckpointError(
+        f"{source}: config image_size={res} with patch {p} gives a "
+        f"{res // p}x{res // p} grid, but position_embedding has {n} entries")
   arch = vit.Arch(int(width), depth, int(mlp),
-                  int(vcfg.get("num_attention_heads", 12)), int(p), grid * int(p))
+                  int(vcfg.get("num_attention_heads", 12)), int(p), res)
   for field, value in (("hidden_size", arch.width),
                        ("num_hidden_layers", arch.depth),
                        ("intermediate_size", arch.mlp_dim),
-                       ("patch_size", arch.patch_size),
-                       ("image_size", arch.image_size)):
+                       ("patch_size", arch.patch_size)):
     if field in vcfg and int(vcfg[field]) != value:
       raise common.CheckpointError(
           f"{source}: config says {field}={vcfg[field]} but the tensors "
