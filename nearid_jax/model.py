@@ -74,7 +74,12 @@ class NearID:
     out_dim: add a Dense projection to this width (fresh, from `seed`) when it
       differs from the tower's width and the checkpoint has none.
     Other keywords go to the constructor (dtype, scan, remat, resize, ...).
+    A training workdir gives its latest trained head on its config's tower
+    (its config decides image size, dtype and the rest).
     """
+    from nearid_jax import workdir  # pylint: disable=g-import-not-at-top
+    if workdir.is_workdir(os.fspath(path)):
+      return workdir.load(os.fspath(path))
     flat, arch = formats.load(path)
     if image_size and image_size != arch.image_size:
       arch = arch.replace(image_size=image_size)

@@ -34,20 +34,43 @@ def as_uint8_images(images):
   return out
 
 
+def scale(x):
+  """uint8 pixel values (any array type, host or device) -> [-1, 1]."""
+  return x.astype(np.float32) / 127.5 - 1.0
+
+
 def resize(image, res, method="pil"):
   """uint8 (H, W, 3) -> float32 (res, res, 3) in [-1, 1]."""
   if method == "pil":
     if image.shape[:2] != (res, res):
       image = np.asarray(Image.fromarray(image).resize((res, res),
                                                        Image.BILINEAR))
-    x = image.astype(np.float32)
-  elif method == "tf":
+    return scale(image)
+  if method == "tf":
+    return scale(np.asarray(jax.image.resize(
+        image.astype(np.float32), (res, res, 3), "bilinear", antialias=False)))
+  raise ValueError(f"unknown resize method {method!r}: one of "
+                   f"{RESIZE_METHODS}")
+
+
+def resize_uint8(image, res, method="pil"):
+  """uint8 (H, W, 3) -> uint8 (res, res, 3): `resize` without the scaling.
+
+  For input pipelines that keep uint8 on the host and `scale` on device.
+  "pil" gives scale(resize_uint8(x)) == resize(x) exactly; "tf" rounds its
+  float result to the nearest integer (at most 0.5 / 127.5 away).
+  """
+  if method == "pil":
+    if image.shape[:2] == (res, res):
+      return image
+    return np.asarray(Image.fromarray(image).resize((res, res),
+                                                    Image.BILINEAR))
+  if method == "tf":
     x = np.asarray(jax.image.resize(image.astype(np.float32), (res, res, 3),
                                     "bilinear", antialias=False))
-  else:
-    raise ValueError(f"unknown resize method {method!r}: one of "
-                     f"{RESIZE_METHODS}")
-  return x / 127.5 - 1.0
+    return np.clip(np.round(x), 0, 255).astype(np.uint8)
+  raise ValueError(f"unknown resize method {method!r}: one of "
+                   f"{RESIZE_METHODS}")
 
 
 def preprocess(images, res, method="pil"):
