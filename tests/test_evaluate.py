@@ -1,0 +1,445 @@
+"""The evaluation driver against an independent reference: NearID.embed on the
+same images, read straight from the HF files (not through TFDS or grain), and
+the metrics of SPEC §5 applied to those embeddings."""
+import io
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+import input_pipeline
+from configs.common import training_config
+from fake_data import FakeGroups
+from input_pipeline import hf_format
+from input_pipeline import synthetic
+from nearid_jax import evaluate
+from nearid_jax import metrics
+from nearid_jax import random_init
+from nearid_jax import sharding
+from nearid_jax import train
+from nearid_jax import vit
+from nearid_jax.formats import bigvision
+from nearid_jax.model import NearID
+from nearid_jax.model import split_params
+
+RES = 32  # at 16 or 24 px some edits vanish: distractors equal to views
+SOURCES = ("Flux", "Qwen", "FluxC")
+# Each source's distractors are taken from the row this far ahead: another
+# identity on another background, so a random tower wins some margins and
+# loses others (true near-identity distractors would beat it every time).
+# FluxC keeps its own (and is left out of the pooled numbers anyway).
+SHIFT = {"Flux": 1, "Qwen": 2, "FluxC": 0}
+SPLIT = "train"
+
+
+def _shifted_rows(original):
+  def rows(num_identities, res, seed, sources):
+    pos, neg = original(num_identities, res, seed, sources)
+    for s, cols in neg.items():
+      for k in range(1, 4):
+        kind, v = cols[f"nimg{k}"]
+        # An edit of a hidden part renders the view itself: drop those, so
+        # no two gallery images tie exactly (ties meet float noise).
+        v = [None if d == p else d for d, p in zip(v, pos[f"images{k}"][1])]
+        cols[f"nimg{k}"] = (kind, v[SHIFT[s]:] + v[:SHIFT[s]])
+    return pos, neg
+  return rows
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+  root = tmp_path_factory.mktemp("evaldata")
+  manual = os.path.join(root, "hf")
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(synthetic, "nearid_rows", _shifted_rows(synthetic.nearid_rows))
+    synthetic.generate(manual, num_identities=14, res=RES, sources=SOURCES,
+                       mtg=20)
+  cfg = input_pipeline.default_config()
+  cfg.data_dir, cfg.manual_dir = os.path.join(root, "tfds"), manual
+  cfg.sources = cfg.eval_sources = SOURCES
+  cfg.res, cfg.batch_size, cfg.mtg_repeat = RES, 4, 0
+  input_pipeline.prepare(cfg)
+  return cfg
+
+
+@pytest.fixture(scope="module")
+def towers():
+  """Canonical flat params: a random pico tower + head, and the same tower
+  with another head (the first head's weights plus noise)."""
+  arch = vit.Arch.from_variant("pico/8", RES)
+  flat = random_init.random_tower(arch, 0)
+  rng = np.random.default_rng(1)
+  other = {k: v + 0.3 * rng.standard_normal(v.shape).astype(v.dtype)
+           if k.startswith("MAPHead_0") else v for k, v in flat.items()}
+  return arch, [flat, other]
+
+
+@pytest.fixture(scope="module")
+def model(towers):
+  arch, flats = towers
+  return NearID(arch, split_params(flats[0], arch, False))
+
+
+@pytest.fixture(scope="module")
+def heads(model, towers):
+  arch, flats = towers
+  return {"baseline": model.params["head"],
+          "trained": split_params(flats[1], arch, False)["head"]}
+
+
+def mesh_4x2():
+  return sharding.make_mesh([("data", 4), ("model", 2)], jax.devices())
+
+
+def one_device():
+  return sharding.make_mesh([("data", 1)], jax.devices()[:1])
+
+
+# --- the independent reference ---
+
+
+def _decode(data):
+  return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def reference_images(manual, split):
+  """Rows of a split straight from the HF files: images or None per slot."""
+  with open(os.path.join(manual, "splits", f"{split}.json")) as f:
+    rows = json.load(f)
+  pos = hf_format.Table(os.path.join(manual, "NearID"))
+  srcs = {s: hf_format.Table(os.path.join(manual, f"NearID-{s}"))
+          for s in SOURCES}
+  out = []
+  for r in rows:
+    row = pos.row(r)
+    n = row["n_images"]
+    views = [_decode(hf_format.image_bytes(row[f"images{k + 1}"], pos))
+             if k < n else None for k in range(3)]
+    dists = {}
+    for s, t in srcs.items():
+      srow = t.row(r)
+      dists[s] = [None] * 3
+      for k in range(n):
+        data = hf_format.image_bytes(srow[f"nimg{k + 1}"], t)
+        dists[s][k] = None if data is None else _decode(data)
+    out.append((r, views, dists))
+  return out
+
+
+def embed_slots(m, slots):
+  """Images-or-None (N, K) -> embeddings (N, K, D) (zeros), mask (N, K)."""
+  mask = np.array([[im is not None for im in row] for row in slots])
+  flat = [im for row in slots for im in row if im is not None]
+  emb = np.zeros(mask.shape + (m.out_dim,), np.float32)
+  emb[mask] = m.embed(np.stack(flat))
+  return emb, mask
+
+
+def reference(model, head, manual, split=SPLIT):
+  m = NearID(model.arch, {"img": model.params["img"], "head": head})
+  rows = reference_images(manual, split)
+  views, vmask = embed_slots(m, [v for _, v, _ in rows])
+  dists, dmasks = zip(*[embed_slots(m, [d[s] for _, _, d in rows])
+                        for s in SOURCES])
+  return (np.array([r for r, _, _ in rows]), views, vmask,
+          np.stack(dists, 1), np.stack(dmasks, 1))
+
+
+def reference_retrieval(views, vmask, dists, dmask, ids):
+  """Plain numpy: full score matrix, stable sort, R@k and AP."""
+  q = views[vmask]
+  q_ids = np.broadcast_to(ids[:, None], vmask.shape)[vmask]
+  g = np.concatenate([q, dists[dmask]])
+  g_ids = np.concatenate([q_ids, np.full(dmask.sum(), -1)])
+  hits = {1: [], 5: [], 10: []}
+  aps = []
+  for i in range(len(q)):
+    others = np.delete(np.arange(len(g)), i)
+    s = g[others] @ q[i]
+    ranked = others[np.argsort(-s, kind="stable")]
+    pos = g_ids[ranked] == q_ids[i]
+    if not pos.any():
+      continue
+    for k in hits:
+      hits[k].append(pos[:k].any())
+    ranks = np.flatnonzero(pos) + 1
+    aps.append(np.mean(np.arange(1, len(ranks) + 1) / ranks))
+  out = {f"r@{k}": np.mean(v) for k, v in hits.items()}
+  out["map"] = np.mean(aps)
+  return out
+
+
+# --- tests ---
+
+
+def test_embeddings_equal_nearid_embed_and_sharded_equals_single(
+    data, model, heads):
+  assert len(jax.devices()) == 8
+  sharded = evaluate.embed_split(model, heads, data, SPLIT, SOURCES,
+                                 mesh_4x2())
+  single = evaluate.embed_split(model, heads, data, SPLIT, SOURCES,
+                                one_device())
+  for name, head in heads.items():
+    ids, views, vmask, dists, dmask = reference(model, head, data.manual_dir)
+    np.testing.assert_array_equal(sharded.index, ids)
+    np.testing.assert_array_equal(sharded.view_mask, vmask)
+    np.testing.assert_array_equal(sharded.distractor_mask, dmask)
+    for emb in (sharded, single):
+      np.testing.assert_allclose(emb.views[name][vmask], views[vmask],
+                                 atol=2e-5)
+      np.testing.assert_allclose(emb.distractors[name][dmask], dists[dmask],
+                                 atol=2e-5)
+    np.testing.assert_allclose(sharded.views[name], single.views[name],
+                               atol=2e-5)
+  # The split has rows with 2 views and the shift leaves some slots empty.
+  assert not vmask.all()
+  assert not dmask[np.broadcast_to(vmask[:, None], dmask.shape)].all()
+
+
+def test_nearid_numbers_equal_reference(data, model, heads):
+  mesh = mesh_4x2()
+  emb = evaluate.embed_split(model, heads, data, SPLIT, SOURCES, mesh)
+  got = evaluate.nearid_scores(emb, mesh)
+  assert got == evaluate.nearid(model, heads, data, SPLIT, SOURCES, mesh)
+  for name, head in heads.items():
+    ids, views, vmask, dists, dmask = reference(model, head, data.manual_dir)
+    r = got[name]
+    for s, src in enumerate(SOURCES):
+      want = metrics.ssr_pa(views, vmask, dists[:, s], dmask[:, s])
+      assert r["sources"][src] == want, (name, src)
+    # pooled = SPEC's seven sources present (FluxC excluded), concatenated
+    assert r["pooled_sources"] == ["Flux", "Qwen"]
+    pooled = metrics.ssr_pa(np.concatenate([views, views]),
+                            np.concatenate([vmask, vmask]),
+                            np.concatenate([dists[:, 0], dists[:, 1]]),
+                            np.concatenate([dmask[:, 0], dmask[:, 1]]))
+    assert r["pooled"] == pooled
+    # Ranks from the driver's own embeddings (compared above): scores 6e-6
+    # apart must not meet the two jits' float noise.
+    want = reference_retrieval(emb.views[name], vmask,
+                               emb.distractors[name], dmask, ids)
+    for k, v in want.items():
+      np.testing.assert_allclose(r["retrieval"][k], v, rtol=1e-6, err_msg=k)
+  # non-degenerate data: the numbers above are not all 0 or all 1
+  pas = [got[h]["sources"][s]["pa"] for h in heads for s in ("Flux", "Qwen")]
+  assert 0 < min(pas) and max(pas) < 1
+
+
+def test_baseline_and_trained_differ_only_when_heads_do(data, model, heads):
+  got = evaluate.nearid(model, heads, data, SPLIT, SOURCES, one_device())
+  assert got["baseline"] != got["trained"]
+  same = evaluate.nearid(model, {"baseline": heads["baseline"],
+                                 "trained": heads["baseline"]},
+                         data, SPLIT, SOURCES, one_device())
+  assert same["baseline"] == same["trained"] == got["baseline"]
+
+
+def test_mtg_equals_reference(data, model, heads):
+  got = evaluate.mtg(model, heads, data, mesh_4x2())
+  t = hf_format.Table(os.path.join(data.manual_dir, "mtg-dataset"), "test")
+  rows = [t.row(i) for i in range(len(t))]
+  img = lambda r, f: _decode(hf_format.image_bytes(r[f], t))
+  oracle = [[metrics.mtg_oracle(img(r, f"image_{i}_part_mask"),
+                                img(r, f"image_{i}_object_mask"))
+             for i in (1, 2)] for r in rows]
+  o1, o2 = np.array(oracle).T
+  assert len(rows) == got["baseline"]["n_samples"] == 4
+  for name, head in heads.items():
+    m = NearID(model.arch, {"img": model.params["img"], "head": head})
+    e = {f: m.embed(np.stack([img(r, f) for r in rows])) for f in (
+        "image_1_original", "image_2_original", "image_1_inpainted",
+        "image_2_inpainted")}
+    cos = lambda a, b: np.sum(e[a] * e[b], 1)
+    want = metrics.mtg(
+        cos("image_1_original", "image_2_original"),
+        cos("image_1_original", "image_1_inpainted"),
+        cos("image_2_original", "image_2_inpainted"),
+        cos("image_1_original", "image_2_inpainted"),
+        cos("image_2_original", "image_1_inpainted"), o1, o2)
+    for k, v in want.items():
+      np.testing.assert_allclose(got[name][k], v, rtol=1e-4, atol=1e-5,
+                                 err_msg=f"{name} {k}")
+
+
+def tiny_config(data, **kw):
+  c = training_config()
+  c.model.variant, c.model.res, c.model.scan = "pico/8", RES, False
+  c.input.update({k: data[k] for k in ("data_dir", "manual_dir", "sources",
+                                       "eval_sources", "mtg_repeat")})
+  c.input.batch_size = 8
+  c.eval.split, c.eval.batch_size = SPLIT, 4
+  c.mesh = [("data", 4), ("model", 2)]
+  c.total_steps, c.warmup_steps, c.lr = 2, 1, 1e-2
+  c.log_every, c.ckpt_every, c.eval_every = 1, 2, 2
+  c.update(kw)
+  return c
+
+
+def test_evaluator_keys_and_cached_baseline(data, model, heads, monkeypatch):
+  config = tiny_config(data)
+  mesh = sharding.make_mesh(config.mesh)
+  calls = []
+  original = evaluate.embed_split
+  monkeypatch.setattr(evaluate, "embed_split", lambda m, h, *a, **k: (
+      calls.append(sorted(h)), original(m, h, *a, **k))[1])
+  ev = evaluate.make_evaluator(config, mesh, heads["baseline"])
+  m = NearID(model.arch, {"img": model.params["img"],
+                          "head": heads["trained"]})
+  first = ev(m, 0)
+  m.params = {"img": model.params["img"], "head": heads["baseline"]}
+  second = ev(m, 1)
+  # the baseline once (NearID and MTG), then the trained head alone
+  assert calls == [["baseline", "trained"]] * 2 + [["trained"]] * 2
+  want = evaluate.nearid(model, heads, data, SPLIT, None, mesh)
+  want_mtg = evaluate.mtg(model, heads, data, mesh)
+  for out, trained in ((first, "trained"), (second, "baseline")):
+    assert out["eval/nearid/ssr"] == want[trained]["pooled"]["ssr"]
+    assert out["eval/nearid/pa"] == want[trained]["pooled"]["pa"]
+    for s in SOURCES:
+      assert out[f"eval/nearid/{s.lower()}/pa"] == (
+          want[trained]["sources"][s]["pa"])
+    assert out["eval/retrieval/r@1"] == want[trained]["retrieval"]["r@1"]
+    assert out["eval/mtg/mo"] == pytest.approx(want_mtg[trained]["mo"])
+    assert out["baseline/nearid/ssr"] == want["baseline"]["pooled"]["ssr"]
+    assert out["baseline/mtg/pa"] == want_mtg["baseline"]["pa"]
+  assert {k for k in first if k.startswith("baseline/")} == {
+      "baseline/" + k[5:] for k in first if k.startswith("eval/")}
+  assert first["eval/retrieval/map"] != second["eval/retrieval/map"]
+
+
+def test_train_then_standalone_report(data, towers, tmp_path):
+  init = str(tmp_path / "tower.npz")
+  bigvision.save(init, towers[1][0], two_tower=False)
+  config = tiny_config(data)
+  config.model.init = init
+  mesh = sharding.make_mesh(config.mesh)
+  baseline = train.load_model(config).params["head"]
+  wd = str(tmp_path / "run")
+  train.train_and_evaluate(
+      config, wd, data_iter=FakeGroups(8, RES),
+      evaluate=evaluate.make_evaluator(config, mesh, baseline))
+  with open(os.path.join(wd, "metrics.jsonl")) as f:
+    logged = [json.loads(line) for line in f]
+  evals = [r for r in logged if "eval/nearid/ssr" in r]
+  assert [r["step"] for r in evals] == [0, 2]
+  # step 0: the trained head is still the baseline
+  assert evals[0]["eval/nearid/pa"] == evals[0]["baseline/nearid/pa"]
+
+  out = str(tmp_path / "eval")
+  rep = evaluate.run(config, wd, out)
+  for f in ("report.json", "report.md", "similarity_hist.png",
+            "kernel_pca.png", "training_curve.png"):
+    assert os.path.getsize(os.path.join(out, f)) > 0, f
+  assert rep["meta"]["step"] == 2
+  # the standalone eval of the last checkpoint = the in-training eval at 2
+  assert rep["scores"]["trained"]["nearid"]["pooled"]["pa"] == (
+      evals[-1]["eval/nearid/pa"])
+  assert rep["scores"]["baseline"]["nearid"]["pooled"]["pa"] == (
+      evals[0]["baseline/nearid/pa"])
+
+
+def test_run_on_a_checkpoint(data, model, heads, towers, tmp_path):
+  config = tiny_config(data)
+  config.eval.mtg = False
+  flat, other_flat = towers[1]
+  ckpt = str(tmp_path / "tower.npz")
+  bigvision.save(ckpt, flat, two_tower=False)
+  rep = evaluate.run(config, ckpt, str(tmp_path / "own"))
+  # no workdir, no model.init: the checkpoint's own head is the baseline
+  assert rep["scores"]["baseline"] == rep["scores"]["trained"]
+  assert "mtg" not in rep["scores"]["trained"]
+  # the other head on the same tower, scored against ckpt's head
+  other = str(tmp_path / "other.npz")
+  bigvision.save(other, other_flat, two_tower=False)
+  rep = evaluate.run(config, other, str(tmp_path / "vs"), baseline=ckpt)
+  want = evaluate.nearid(model, heads, data, SPLIT, None, mesh_4x2())
+  for h in ("baseline", "trained"):
+    assert rep["scores"][h]["nearid"] == want[h]
+
+
+# --- errors ---
+
+
+def test_empty_split(data, model, heads, monkeypatch):
+  # TFDS refuses to prepare an empty split, so stand in for the pipeline.
+  monkeypatch.setattr(input_pipeline, "eval_batches", lambda *a, **k: iter(()))
+  with pytest.raises(ValueError, match=r"split 'val' of NearID \(Flux, Qwen, "
+                     r"FluxC\) under .* is empty"):
+    evaluate.nearid(model, heads, data, "val", SOURCES, one_device())
+
+
+def test_missing_source_is_named(data, model, heads):
+  with pytest.raises(input_pipeline.DataError, match="never prepared.*SDXL"):
+    evaluate.nearid(model, heads, data, SPLIT, ("Flux", "SDXL"), one_device())
+  with pytest.raises(ValueError, match="no distractor source"):
+    evaluate.nearid(model, heads, data, SPLIT, (), one_device())
+
+
+def test_head_of_another_width(data, model, heads, towers, tmp_path):
+  arch = vit.Arch.from_variant("mu/8", RES)  # 32 wide; the tower is 64
+  narrow = random_init.random_tower(arch, 0)
+  with pytest.raises(ValueError, match="head 'baseline' is 32 wide but the "
+                     "model's tower is 64 wide"):
+    evaluate.nearid(model, {"baseline": split_params(narrow, arch,
+                                                     False)["head"],
+                            "trained": heads["trained"]}, data, SPLIT)
+  ckpt = str(tmp_path / "narrow.npz")
+  bigvision.save(ckpt, narrow, two_tower=False)
+  wide = str(tmp_path / "wide.npz")
+  bigvision.save(wide, towers[1][0], two_tower=False)
+  with pytest.raises(ValueError, match=r"baseline head from .*narrow.npz is "
+                     "32 wide"):
+    evaluate.run(tiny_config(data), wide, str(tmp_path / "out"),
+                 baseline=ckpt)
+
+
+def test_resolution_mismatch(data, model):
+  # The same weights declared at 24 px: refused before any compute.
+  m = NearID(model.arch.replace(image_size=24), model.params)
+  with pytest.raises(ValueError, match="input.res=32 but the model runs at "
+                     "24"):
+    evaluate.nearid(m, {"trained": m.params["head"]}, data, SPLIT)
+
+
+# --- DreamBench++ ---
+
+
+def test_dreambench_scores(model, tmp_path):
+  method = "emu2"
+  keys = ["object_dog_1", "object_cup_2", "style_a_0", "object_cup_1"]
+  human = tmp_path / "human"
+  (human / "group1").mkdir(parents=True)
+  with open(human / "group1" / f"{method}-cp.json", "w") as f:
+    json.dump({k: i % 3 for i, k in enumerate(keys)}, f)
+  rng = np.random.default_rng(0)
+  refs = rng.integers(0, 256, (4, 20, 24, 3), np.uint8)
+  gens = rng.integers(0, 256, (4, 30, 18, 3), np.uint8)
+  # generated images as files for half the keys
+  pairs = {}
+  for i, k in enumerate(keys[::-1]):  # dict order differs from the file's
+    j = len(keys) - 1 - i
+    gen = gens[j]
+    if j % 2:
+      gen = str(tmp_path / f"{k}.png")
+      Image.fromarray(gens[j]).save(gen)
+    pairs[k] = (refs[j], gen)
+  path = evaluate.dreambench(model, pairs, str(human), str(tmp_path / "out"),
+                             method)
+  assert path == str(tmp_path / "out" / f"{method}.json")
+  with open(path) as f:
+    got = json.load(f)
+  assert list(got) == keys
+  a, b = model.embed(refs), model.embed(gens)
+  want = 100 * np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) *
+                                   np.linalg.norm(b, axis=1))
+  np.testing.assert_allclose(list(got.values()), want, rtol=1e-5, atol=1e-4)
+
+  del pairs[keys[2]]
+  pairs["object_bird_0"] = (refs[0], gens[0])
+  with pytest.raises(ValueError, match=r"1 missing \(first \['style_a_0'\]\)"
+                     r", 1 unknown \(first \['object_bird_0'\]\)"):
+    evaluate.dreambench(model, pairs, str(human), str(tmp_path / "o2"),
+                        method)
