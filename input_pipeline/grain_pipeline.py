@@ -1,0 +1,205 @@
+"""grain pipelines over the prepared ArrayRecord: training groups and eval rows.
+
+Training (one process's share of each global batch):
+
+    it = input_pipeline.train_iterator(config.input, jax.process_index(),
+                                       jax.process_count())
+    batch = next(it)
+    # views uint8 (b, 3, R, R, 3), view_mask bool (b, 3),
+    # distractors uint8 (b, 3, R, R, 3), distractor_mask bool (b, 3),
+    # index int32 (b,) row in its dataset, is_mtg bool (b,),
+    # n_skipped int32 (b,) corrupt images masked (skip_corrupt);
+    # b = batch_size // process_count. Scale on device: x / 127.5 - 1.
+
+The iterator is a grain DatasetIterator: `it.get_state()` (a JSON-able dict)
+and `it.set_state(state)`; with orbax, the handler is
+`grain.checkpoint.CheckpointHandler` with `grain.checkpoint.CheckpointSave(it)`
+/ `CheckpointRestore(it)` (one file per process). Restore into an iterator
+built from the same config, process count and num_workers.
+
+Order: the training entries (the split's NearID rows, plus each MTG train
+row mtg_repeat times) are shuffled globally per epoch with `seed`, and
+process p takes global positions p, p + P, p + 2P, ..., so in every epoch
+the processes' shares are disjoint and together cover the entries. A group
+depends only on (seed, epoch, row, copy) (groups.py), not on sharding or
+workers. The stream repeats forever; epochs are counted in entries.
+
+Config fields (`config.input`, defaults in `default_config()`):
+  data_dir      TFDS data dir holding the prepared nearid/ and mtg/
+  manual_dir    the HF downloads that prepare reads (tfds_builders)
+  sources       distractor sources of training groups (drawn per slot)
+  eval_sources  sources of eval rows (prepare builds both sets)
+  split         training split ("train")
+  batch_size    global batch, in groups
+  res, resize   squash-resize side and method ("pil" or "tf")
+  seed          data order and group randomness
+  num_workers   grain worker processes (0 = in the main process)
+  num_threads   reader threads per process (or per worker)
+  prefetch      batches buffered per reader / worker
+  mtg_repeat    MTG train rows repeated per epoch (0 = no MTG)
+  skip_corrupt  mask and count corrupt images (and drop bad rows at
+                prepare) instead of stopping
+  split_seed    the seeded split prepare makes when no split files exist
+"""
+from absl import flags
+import grain
+import ml_collections
+import numpy as np
+
+from input_pipeline import groups
+from input_pipeline import tfds_builders
+
+
+def default_config():
+  c = ml_collections.ConfigDict()
+  c.data_dir = "data/tfds"
+  c.manual_dir = "data/hf"
+  c.sources = ("Flux", "Flux_1024", "Qwen", "Qwen_1328", "PowerPaint",
+               "SDXL", "SDXL_1024")
+  c.eval_sources = c.sources
+  c.split = "train"
+  c.batch_size = 128
+  c.res = 384
+  c.resize = "pil"
+  c.seed = 0
+  c.num_workers = 0
+  c.num_threads = 2
+  c.prefetch = 2
+  c.mtg_repeat = 4
+  c.skip_corrupt = False
+  c.split_seed = 0
+  return c
+
+
+def _process(process_index, process_count):
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top
+    return jax.process_index(), jax.process_count()
+  return process_index, process_count
+
+
+def _local_batch(batch_size, process_count):
+  if batch_size % process_count:
+    raise ValueError(f"input.batch_size {batch_size} is not divisible by the "
+                     f"process count {process_count}")
+  return batch_size // process_count
+
+
+def _with_index(index, entry):
+  return index, entry
+
+
+class _ReadGroup:
+  """(global index, entry) -> training group; picklable for grain workers."""
+
+  def __init__(self, nearid, mtg, maker, num_entries):
+    self.nearid, self.mtg, self.maker = nearid, mtg, maker
+    self.num_entries = num_entries
+
+  def __call__(self, item):
+    index, (dataset, position, copy) = item
+    epoch = index // self.num_entries  # the global shuffle's epoch
+    if dataset == groups.NEARID:
+      return self.maker.nearid_group(self.nearid[int(position)], epoch, copy)
+    return self.maker.mtg_group(self.mtg[int(position)], epoch, copy)
+
+
+def _read_options(cfg):
+  return grain.ReadOptions(num_threads=cfg.num_threads,
+                           prefetch_buffer_size=cfg.prefetch)
+
+
+def train_dataset(cfg, process_index=None, process_count=None):
+  """The training stream of this process, a grain IterDataset of batches."""
+  process_index, process_count = _process(process_index, process_count)
+  batch = _local_batch(cfg.batch_size, process_count)
+  if not cfg.sources:
+    raise ValueError("input.sources is empty: training groups need at least "
+                     "one distractor source")
+  nearid = tfds_builders.load_nearid(cfg.data_dir, cfg.sources)
+  nearid = nearid.as_data_source(split=cfg.split)
+  entries = [(groups.NEARID, i, 0) for i in range(len(nearid))]
+  mtg = None
+  if cfg.mtg_repeat > 0:
+    mtg = tfds_builders.load_mtg(cfg.data_dir).as_data_source(split="train")
+    entries += [(groups.MTG, i, c) for c in range(cfg.mtg_repeat)
+                for i in range(len(mtg))]
+  entries = np.array(entries, np.int64)
+  maker = groups.GroupMaker(
+      cfg.sources, groups.Decoder(cfg.res, cfg.resize, cfg.skip_corrupt),
+      cfg.seed, cfg.split)
+  ds = grain.MapDataset.source(entries).shuffle(seed=cfg.seed).repeat()
+  ds = ds.map_with_index(_with_index)[process_index::process_count]
+  ds = ds.map(_ReadGroup(nearid, mtg, maker, len(entries)))
+  ds = ds.batch(batch, drop_remainder=True).to_iter_dataset(_read_options(cfg))
+  if cfg.num_workers > 0:
+    if not flags.FLAGS.is_parsed():
+      # grain reads its absl flags when it starts workers; outside an absl
+      # app (a notebook, pytest) take their defaults.
+      flags.FLAGS.mark_as_parsed()
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=cfg.num_workers, per_worker_buffer_size=cfg.prefetch))
+  return ds
+
+
+def train_iterator(cfg, process_index=None, process_count=None):
+  """A checkpointable iterator of this process's training batches."""
+  return iter(train_dataset(cfg, process_index, process_count))
+
+
+class _ReadRow:
+  """Eval position (-1 = padding) -> eval row; picklable."""
+
+  def __init__(self, source, maker, mtg):
+    self.source, self.maker, self.mtg = source, maker, mtg
+
+  def __call__(self, position):
+    if position < 0:
+      return self.maker.blank_row(self.mtg)
+    record = self.source[int(position)]
+    return self.maker.mtg_row(record) if self.mtg else self.maker.nearid_row(
+        record)
+
+
+def eval_batches(cfg, split, sources=None, batch_size=None, dataset="nearid",
+                 process_index=None, process_count=None):
+  """A split's rows in stored order, in fixed-shape batches (iterable).
+
+  Each batch (this process's share, b = batch_size // process_count):
+    views uint8 (b, 3, R, R, 3) in the dataset's view order, view_mask;
+    distractors uint8 (b, S, 3, R, R, 3) with S the sources in the order
+    given (distractor k on view k's background), distractor_mask (b, S, 3);
+    index int32 (b,) row (-1 for padding), valid bool (b,) real rows,
+    n_skipped int32 (b,).
+  dataset="mtg" (split "test" or "train"): S = 1 ([I1', I2', -]) and an extra
+  oracle float32 (b, 3) [o1, o2, 0] (SPEC.md §5).
+  Global batch j holds rows j*B .. (j+1)*B - 1 (B = batch_size), process p
+  the p-th slice of it; every process yields the same number of batches; the
+  last ones are padded. Read with num_threads threads, no worker processes.
+  """
+  process_index, process_count = _process(process_index, process_count)
+  batch_size = batch_size or cfg.batch_size
+  batch = _local_batch(batch_size, process_count)
+  if dataset == "nearid":
+    sources = tuple(cfg.eval_sources if sources is None else sources)
+    source = tfds_builders.load_nearid(cfg.data_dir, sources)
+  elif dataset == "mtg":
+    sources = ("mtg",)
+    source = tfds_builders.load_mtg(cfg.data_dir)
+  else:
+    raise ValueError(f"unknown eval dataset {dataset!r}: 'nearid' or 'mtg'")
+  if split not in source.info.splits:
+    raise ValueError(f"{dataset} has no split {split!r} (splits: "
+                     f"{list(source.info.splits)})")
+  source = source.as_data_source(split=split)
+  n = len(source)
+  steps = -(-n // batch_size)
+  positions = [j * batch_size + process_index * batch + t
+               for j in range(steps) for t in range(batch)]
+  positions = [p if p < n else -1 for p in positions]
+  maker = groups.GroupMaker(
+      sources, groups.Decoder(cfg.res, cfg.resize, cfg.skip_corrupt), 0,
+      split)
+  ds = grain.MapDataset.source(positions).map(
+      _ReadRow(source, maker, dataset == "mtg"))
+  return ds.batch(batch).to_iter_dataset(_read_options(cfg))

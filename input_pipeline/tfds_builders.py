@@ -1,0 +1,343 @@
+"""TFDS builders for NearID and MTG: the released HF datasets -> ArrayRecord.
+
+No TensorFlow anywhere: tfds 4.9's GeneratorBasedBuilder serialises with its
+own tf.Example protos and writes ArrayRecord (file_format="array_record"), and
+`tfds.builder_from_directory(d).as_data_source(split)` reads records back as
+numpy. Images stay encoded (the release's PNG/JPEG bytes, b"" = missing).
+
+The manual dir holds what a hub download gives (any layout hf_format reads;
+`python -m input_pipeline.synthetic` writes the same):
+  NearID/                 positives: id, images1..3 (or img1..3),
+                          masks1..3, n_images, category, ...
+  NearID-<source>/        distractors, row-aligned: id, nimg1..3, ...
+  splits/{train,val,test}.json   row positions; without them a seeded
+                          split (splits.seeded, config split_seed)
+  mtg-dataset/            MTG, splits train and test
+Prepare with `prepare(config.input)` (what `launch.py --mode prepare` runs),
+or without a config file:
+    python -c "import input_pipeline as ip; c = ip.default_config(); \
+        c.manual_dir = 'data/hf'; c.data_dir = 'data/tfds'; ip.prepare(c)"
+It builds <data_dir>/nearid/<source-source-...>/1.0.0 and
+<data_dir>/mtg/default/1.0.0, and reuses them when they exist.
+
+NearID records (one per row of a split, in split-file order):
+  index (row position in the released datasets), id, category,
+  views (3,) and masks (3,) bytes, distractors/<source> (3,) bytes.
+MTG records: index, views (2,) [image_{1,2}_original], edits (2,)
+  [image_{1,2}_inpainted], object_masks (2,), part_masks (2,).
+
+Checks at build time: a source folder that is missing is named; distractor
+rows whose `id` differs from the positives' stop the build; a row without a
+required field (id, n_images, the n_images views) or with an image whose
+header does not parse stops with dataset, split, row and field named, or,
+with skip_corrupt, is dropped (a bad distractor image is blanked) and counted
+in the dataset's metadata (`metadata.json`: skipped_rows, blanked_images).
+"""
+import dataclasses
+import io
+import logging
+import os
+
+import numpy as np
+from PIL import Image
+import tensorflow_datasets as tfds
+
+from input_pipeline import hf_format
+from input_pipeline import splits as splits_lib
+
+SOURCES = ("Flux", "Flux_1024", "FluxC", "FluxC_1024", "PowerPaint", "Qwen",
+           "Qwen_1328", "SDXL", "SDXL_1024")
+POSITIVES = "NearID"
+MTG_FOLDER = "mtg-dataset"
+VIEWS = 3
+_BYTES = lambda n: tfds.features.Tensor(shape=(n,), dtype=np.object_)
+
+
+class DataError(ValueError):
+  """Bad input data; the message names dataset, split, row and field."""
+
+
+class _RowError(DataError):
+  """A bad row that skip_corrupt may drop."""
+
+
+def _open(manual_dir, folder, what):
+  path = os.path.join(manual_dir, folder)
+  if not os.path.isdir(path):
+    raise DataError(f"{what}: {path} not found (expected the {folder} "
+                    f"dataset in the manual dir {manual_dir})")
+  return hf_format.Table(path)
+
+
+def _image(value, table, split, row, field, required):
+  """An image cell -> bytes (b"" if missing); checks the header parses."""
+  where = f"{table.path} split {split!r} row {row} field {field!r}"
+  try:
+    data = hf_format.image_bytes(value, table)
+  except OSError as e:
+    raise _RowError(f"{where}: {e}") from e
+  if data is None:
+    if required:
+      raise _RowError(f"{where}: missing")
+    return b""
+  try:
+    Image.open(io.BytesIO(data))  # reads the header only: cheap
+  except Exception as e:  # pylint: disable=broad-except
+    raise _RowError(f"{where}: not a readable image ({e})") from e
+  return data
+
+
+def _need_columns(table, names):
+  missing = [n for n in names if n not in table.column_names]
+  if missing:
+    raise DataError(f"{table.path}: no column(s) {missing} (columns: "
+                    f"{table.column_names})")
+
+
+def _view_prefix(table):
+  """The release's loader reads images1..3; its dataset card says img1..3."""
+  for prefix in ("images", "img"):
+    if f"{prefix}1" in table.column_names:
+      return prefix
+  raise DataError(f"{table.path}: no view columns images1..3 or img1..3 "
+                  f"(columns: {table.column_names})")
+
+
+def config_name(sources):
+  return "-".join(sources) if sources else "positives"
+
+
+@dataclasses.dataclass(eq=False)
+class NearIDConfig(tfds.core.BuilderConfig):
+  sources: tuple = ()
+  skip_corrupt: bool = False
+  split_seed: int = 0
+
+
+class NearID(tfds.core.GeneratorBasedBuilder):
+  """NearID positives and distractor sources, row-aligned, per split."""
+  name = "nearid"
+  # We download nothing, so no checksums file; finding one would import
+  # importlib_resources, which tfds 4.9.10 only requires below python 3.9.
+  code_path = None
+  VERSION = tfds.core.Version("1.0.0")
+  MANUAL_DOWNLOAD_INSTRUCTIONS = __doc__
+
+  def _info(self):
+    sources = self.builder_config.sources
+    return tfds.core.DatasetInfo(
+        builder=self,
+        features=tfds.features.FeaturesDict({
+            "index": tfds.features.Scalar(dtype=np.int64),
+            "id": tfds.features.Text(),
+            "category": tfds.features.Text(),
+            "views": _BYTES(VIEWS),
+            "masks": _BYTES(VIEWS),
+            "distractors": tfds.features.FeaturesDict(
+                {s: _BYTES(VIEWS) for s in sources}),
+        }),
+        disable_shuffling=True,  # records in split-file order
+        metadata=tfds.core.MetadataDict(sources=list(sources)))
+
+  def _split_generators(self, dl_manager):
+    manual = os.fspath(dl_manager.manual_dir)
+    pos = _open(manual, POSITIVES, "positives")
+    _need_columns(pos, ["id", "n_images"])
+    prefix = _view_prefix(pos)
+    srcs = {}
+    for s in self.builder_config.sources:
+      srcs[s] = _open(manual, f"{POSITIVES}-{s}", f"distractor source {s!r}")
+      _need_columns(srcs[s], ["id"])
+      if len(srcs[s]) != len(pos):
+        raise DataError(f"{srcs[s].path} has {len(srcs[s])} rows, the "
+                        f"positives {pos.path} {len(pos)}: the datasets must "
+                        "be row-aligned")
+    split_dir = os.path.join(manual, "splits")
+    if os.path.isdir(split_dir):
+      parts = splits_lib.read(split_dir, len(pos))
+    else:
+      parts = splits_lib.seeded(len(pos), self.builder_config.split_seed)
+      logging.info("no %s: seeded split %s", split_dir,
+                   {k: len(v) for k, v in parts.items()})
+    self.info.metadata.update(skipped_rows={}, blanked_images={})
+    return {name: self._generate_examples(pos, prefix, srcs, name, rows)
+            for name, rows in parts.items()}
+
+  def _generate_examples(self, pos, prefix, srcs, split, rows):
+    skip = self.builder_config.skip_corrupt
+    skipped, blanked = [], 0
+    for key, r in enumerate(rows):
+      try:
+        example, n_blanked = self._example(pos, prefix, srcs, split, r)
+      except _RowError as e:
+        if not skip:
+          raise
+        logging.warning("skipped: %s", e)
+        skipped.append(r)
+        continue
+      blanked += n_blanked
+      yield key, example
+    self.info.metadata["skipped_rows"][split] = skipped
+    self.info.metadata["blanked_images"][split] = blanked
+
+  def _example(self, pos, prefix, srcs, split, r):
+    row = pos.row(r)
+    where = f"{pos.path} split {split!r} row {r}"
+    for field in ("id", "n_images"):
+      if row[field] is None:
+        raise _RowError(f"{where} field {field!r}: missing")
+    n = row["n_images"]
+    if not 1 <= n <= VIEWS:
+      raise _RowError(f"{where} field 'n_images': {n}, expected 1..{VIEWS}")
+    views = [_image(row[f"{prefix}{k + 1}"], pos, split, r, f"{prefix}{k + 1}",
+                    required=True) if k < n else b"" for k in range(VIEWS)]
+    masks = [_image(row.get(f"masks{k + 1}"), pos, split, r, f"masks{k + 1}",
+                    required=False) if k < n else b"" for k in range(VIEWS)]
+    distractors, blanked = {}, 0
+    for s, table in srcs.items():
+      srow = table.row(r)
+      if srow["id"] != row["id"]:
+        raise DataError(
+            f"{table.path} split {split!r} row {r}: id {srow['id']!r} does "
+            f"not match the positives' id {row['id']!r} ({pos.path}); the "
+            "datasets must be row-aligned")
+      distractors[s] = []
+      for k in range(VIEWS):
+        field = f"nimg{k + 1}"
+        try:
+          data = (_image(srow.get(field), table, split, r, field, False)
+                  if k < n else b"")
+        except _RowError as e:
+          if not self.builder_config.skip_corrupt:
+            raise
+          logging.warning("blanked: %s", e)
+          data, blanked = b"", blanked + 1
+        distractors[s].append(data)
+    return {"index": r, "id": str(row["id"]),
+            "category": str(row.get("category") or ""), "views": views,
+            "masks": masks, "distractors": distractors}, blanked
+
+
+@dataclasses.dataclass(eq=False)
+class MTGConfig(tfds.core.BuilderConfig):
+  skip_corrupt: bool = False
+
+
+class MTG(tfds.core.GeneratorBasedBuilder):
+  """Mind-the-Glitch: two views and a part-edited copy of each."""
+  name = "mtg"
+  code_path = None  # as NearID's
+  VERSION = tfds.core.Version("1.0.0")
+  MANUAL_DOWNLOAD_INSTRUCTIONS = __doc__
+  FIELDS = {"views": ("image_1_original", "image_2_original"),
+            "edits": ("image_1_inpainted", "image_2_inpainted"),
+            "object_masks": ("image_1_object_mask", "image_2_object_mask"),
+            "part_masks": ("image_1_part_mask", "image_2_part_mask")}
+
+  def _info(self):
+    features = {"index": tfds.features.Scalar(dtype=np.int64)}
+    features.update({k: _BYTES(2) for k in self.FIELDS})
+    return tfds.core.DatasetInfo(
+        builder=self, features=tfds.features.FeaturesDict(features),
+        disable_shuffling=True, metadata=tfds.core.MetadataDict())
+
+  def _split_generators(self, dl_manager):
+    path = os.path.join(os.fspath(dl_manager.manual_dir), MTG_FOLDER)
+    if not os.path.isdir(path):
+      raise DataError(f"MTG: {path} not found")
+    out = {}
+    for split in ("train", "test"):
+      try:
+        table = hf_format.Table(path, split)
+      except hf_format.FormatError:
+        continue
+      _need_columns(table, self.FIELDS["views"])
+      out[split] = self._generate_examples(table, split)
+    if not out:
+      raise DataError(f"MTG: {path} has neither a train nor a test split")
+    self.info.metadata.update(skipped_rows={})
+    return out
+
+  def _generate_examples(self, table, split):
+    skipped = []
+    for r in range(len(table)):
+      row = table.row(r)
+      try:
+        ex = {"index": r}
+        for key, fields in self.FIELDS.items():
+          ex[key] = [_image(row.get(f), table, split, r, f, key == "views")
+                     for f in fields]
+      except _RowError as e:
+        if not self.builder_config.skip_corrupt:
+          raise
+        logging.warning("skipped: %s", e)
+        skipped.append(r)
+        continue
+      yield r, ex
+    self.info.metadata["skipped_rows"][split] = skipped
+
+
+def _build(builder, manual_dir, overwrite):
+  mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite else
+          tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      manual_dir=manual_dir, download_mode=mode))
+  return builder.data_dir
+
+
+def prepare(cfg, overwrite=False):
+  """Builds NearID (cfg.sources and cfg.eval_sources) and MTG when present.
+
+  MTG is built when `<manual_dir>/mtg-dataset` exists, and required when
+  cfg.mtg_repeat > 0. Returns {name: prepared directory}.
+  """
+  wanted = tuple(cfg.sources) + tuple(cfg.eval_sources)
+  # The release's order first, then any other source, once each.
+  sources = tuple(dict.fromkeys(
+      [s for s in SOURCES if s in wanted] + list(wanted)))
+  config = NearIDConfig(name=config_name(sources), sources=sources,
+                        skip_corrupt=cfg.skip_corrupt,
+                        split_seed=cfg.split_seed)
+  out = {"nearid": _build(NearID(data_dir=cfg.data_dir, config=config,
+                                 file_format="array_record"),
+                          cfg.manual_dir, overwrite)}
+  if cfg.mtg_repeat > 0 or os.path.isdir(os.path.join(cfg.manual_dir,
+                                                      MTG_FOLDER)):
+    mtg = MTG(data_dir=cfg.data_dir, file_format="array_record",
+              config=MTGConfig(name="default", skip_corrupt=cfg.skip_corrupt))
+    out["mtg"] = _build(mtg, cfg.manual_dir, overwrite)
+  return {k: os.fspath(v) for k, v in out.items()}
+
+
+def _prepared(data_dir, name):
+  """Prepared versions of one dataset: [(directory, builder)]."""
+  root = os.path.join(data_dir, name)
+  found = []
+  for dirpath, _, files in sorted(os.walk(root)):
+    if "dataset_info.json" in files and "incomplete." not in dirpath:
+      found.append((dirpath, tfds.builder_from_directory(dirpath)))
+  return found
+
+
+def load_nearid(data_dir, sources):
+  """The prepared NearID holding `sources` -> tfds builder (read-only)."""
+  found = _prepared(data_dir, NearID.name)
+  for _, builder in found:
+    if set(sources) <= set(builder.info.metadata["sources"]):
+      return builder
+  have = [b.info.metadata["sources"] for _, b in found]
+  missing = sorted(set(sources) - set().union(*map(set, have or [[]])))
+  raise DataError(
+      f"NearID with sources {list(sources)} is not prepared under "
+      f"{os.path.join(data_dir, NearID.name)} (prepared: {have or 'nothing'}"
+      f"{'; never prepared: ' + str(missing) if missing else ''}); run "
+      "prepare (launch.py --mode prepare) with these sources")
+
+
+def load_mtg(data_dir):
+  found = _prepared(data_dir, MTG.name)
+  if not found:
+    raise DataError(f"MTG is not prepared under "
+                    f"{os.path.join(data_dir, MTG.name)}; put it in "
+                    f"<manual_dir>/{MTG_FOLDER} and run prepare")
+  return found[0][1]

@@ -1,0 +1,228 @@
+"""TFDS builders: HF on-disk NearID/MTG -> ArrayRecord, without TensorFlow."""
+import json
+import os
+import shutil
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import tensorflow_datasets as tfds
+
+import input_pipeline
+from input_pipeline import splits as splits_lib
+from input_pipeline import synthetic
+from input_pipeline import tfds_builders
+
+SOURCES = ("Flux", "Qwen")
+
+
+def _config(manual_dir, data_dir, sources=SOURCES, **kw):
+  cfg = input_pipeline.default_config()
+  cfg.manual_dir, cfg.data_dir = str(manual_dir), str(data_dir)
+  cfg.sources = cfg.eval_sources = sources
+  cfg.mtg_repeat = 0
+  cfg.update(kw)
+  return cfg
+
+
+def _hf_rows(path, split="train"):
+  """Reference reader: pyarrow on whichever layout is there."""
+  data = os.path.join(path, "data")
+  if os.path.isdir(data):
+    return pa.concat_tables(
+        [pq.read_table(os.path.join(data, f)) for f in sorted(os.listdir(data))
+         if f.startswith(split + "-")]).to_pylist()
+  folder = os.path.join(path, split)
+  with open(os.path.join(folder, "state.json")) as f:
+    files = [d["filename"] for d in json.load(f)["_data_files"]]
+  return pa.concat_tables(
+      [pa.ipc.open_stream(pa.memory_map(os.path.join(folder, n))).read_all()
+       for n in files]).to_pylist()
+
+
+def _plain(x):
+  if isinstance(x, dict):
+    return {k: _plain(v) for k, v in x.items()}
+  return x.tolist() if hasattr(x, "tolist") else x
+
+
+def _records(prepared_dir, split):
+  source = tfds.builder_from_directory(prepared_dir).as_data_source(split)
+  return [_plain(source[i]) for i in range(len(source))]
+
+
+def _image(value):
+  return b"" if value is None else value["bytes"]
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+  manual = tmp_path_factory.mktemp("hf")
+  synthetic.generate(str(manual), 12, 32, seed=0, sources=SOURCES, mtg=6)
+  cfg = _config(manual, tmp_path_factory.mktemp("tfds"))
+  return manual, cfg, input_pipeline.prepare(cfg)
+
+
+def test_no_tensorflow_needed(built):
+  del built
+  assert "tensorflow" not in sys.modules
+
+
+def test_nearid_records_are_the_hf_rows_in_split_order(built):
+  manual, _, prepared = built
+  pos = _hf_rows(manual / "NearID")
+  neg = {s: _hf_rows(manual / f"NearID-{s}") for s in SOURCES}
+  for split in ("train", "val", "test"):
+    rows = json.loads((manual / "splits" / f"{split}.json").read_text())
+    records = _records(prepared["nearid"], split)
+    assert [r["index"] for r in records] == rows
+    for r, rec in zip(rows, records):
+      assert rec["id"].decode() == str(pos[r]["id"])
+      assert rec["views"] == [_image(pos[r][f"images{k}"])
+                                    for k in (1, 2, 3)]
+      assert rec["masks"] == [_image(pos[r][f"masks{k}"])
+                                    for k in (1, 2, 3)]
+      for s in SOURCES:
+        assert rec["distractors"][s] == [
+            _image(neg[s][r][f"nimg{k}"]) for k in (1, 2, 3)]
+
+
+def test_mtg_records(built):
+  manual, _, prepared = built
+  for split, n in (("train", 5), ("test", 1)):
+    rows = _hf_rows(manual / "mtg-dataset", split)
+    records = _records(prepared["mtg"], split)
+    assert len(records) == len(rows) == n
+    for i, (row, rec) in enumerate(zip(rows, records)):
+      assert rec["index"] == i
+      assert rec["views"] == [row["image_1_original"]["bytes"],
+                                    row["image_2_original"]["bytes"]]
+      assert rec["edits"] == [row["image_1_inpainted"]["bytes"],
+                                    row["image_2_inpainted"]["bytes"]]
+      assert rec["part_masks"] == [row["image_1_part_mask"]["bytes"],
+                                         row["image_2_part_mask"]["bytes"]]
+
+
+def test_parquet_builds_the_same_records(built, tmp_path):
+  manual, _, prepared = built
+  synthetic.generate(str(tmp_path / "hf"), 12, 32, seed=0, sources=SOURCES,
+                     mtg=6, fmt="parquet", num_shards=2)
+  assert not os.path.exists(tmp_path / "hf" / "NearID" / "train")
+  out = input_pipeline.prepare(_config(tmp_path / "hf", tmp_path / "tfds"))
+  for split in ("train", "test"):
+    assert _records(out["nearid"], split) == _records(prepared["nearid"],
+                                                      split)
+    assert _records(out["mtg"], split) == _records(prepared["mtg"], split)
+
+
+def test_seeded_split_without_split_files(built, tmp_path):
+  manual, _, _ = built
+  shutil.copytree(manual, tmp_path / "hf")
+  shutil.rmtree(tmp_path / "hf" / "splits")
+  out = input_pipeline.prepare(_config(tmp_path / "hf", tmp_path / "tfds",
+                                       split_seed=4))
+  got = {s: [r["index"] for r in _records(out["nearid"], s)]
+         for s in ("train", "val", "test")}
+  assert got == splits_lib.seeded(12, 4)
+  assert sorted(sum(got.values(), [])) == list(range(12))
+
+
+def test_a_subset_of_prepared_sources_is_found(built):
+  _, cfg, prepared = built
+  builder = tfds_builders.load_nearid(cfg.data_dir, ("Qwen",))
+  assert os.fspath(builder.data_dir) == prepared["nearid"]
+  with pytest.raises(input_pipeline.DataError, match="'SDXL'"):
+    tfds_builders.load_nearid(cfg.data_dir, ("Qwen", "SDXL"))
+
+
+# --- bad input ---------------------------------------------------------------
+
+
+def _write(root, pos, neg, rows=12):
+  synthetic.write_nearid(str(root), pos, neg, splits_lib.seeded(rows, 0))
+  return root
+
+
+def _rows():
+  return synthetic.nearid_rows(12, 32, 0, SOURCES)
+
+
+def _split_of(row):
+  return next(k for k, v in splits_lib.seeded(12, 0).items() if row in v)
+
+
+def test_missing_source_is_named(built, tmp_path):
+  manual, _, _ = built
+  with pytest.raises(input_pipeline.DataError,
+                     match=r"source 'SDXL'.*NearID-SDXL"):
+    input_pipeline.prepare(_config(manual, tmp_path, ("Flux", "SDXL")))
+
+
+def test_ids_that_do_not_match_stop(tmp_path):
+  pos, neg = _rows()
+  neg["Qwen"]["id"][1][5] += 1
+  manual = _write(tmp_path / "hf", pos, neg)
+  with pytest.raises(input_pipeline.DataError,
+                     match=rf"NearID-Qwen split '{_split_of(5)}' row 5: id"):
+    input_pipeline.prepare(_config(manual, tmp_path / "tfds"))
+  with pytest.raises(input_pipeline.DataError, match="row 5: id"):  # always
+    input_pipeline.prepare(_config(manual, tmp_path / "t2", skip_corrupt=True))
+
+
+@pytest.mark.parametrize("field,value,what", [
+    ("images2", None, "missing"),
+    ("images1", b"not an image", "not a readable image"),
+    ("n_images", None, "missing"),
+])
+def test_bad_row_stops_or_is_skipped_and_counted(tmp_path, field, value,
+                                                 what):
+  pos, neg = _rows()
+  pos[field][1][7] = value
+  manual = _write(tmp_path / "hf", pos, neg)
+  split = _split_of(7)
+  with pytest.raises(input_pipeline.DataError,
+                     match=rf"NearID split '{split}' row 7 field '{field}': "
+                     f"{what}"):
+    input_pipeline.prepare(_config(manual, tmp_path / "tfds"))
+  out = input_pipeline.prepare(_config(manual, tmp_path / "t2",
+                                       skip_corrupt=True))
+  records = _records(out["nearid"], split)
+  assert 7 not in [r["index"] for r in records]
+  assert len(records) == len(splits_lib.seeded(12, 0)[split]) - 1
+  meta = tfds.builder_from_directory(out["nearid"]).info.metadata
+  assert meta["skipped_rows"][split] == [7]
+
+
+def test_corrupt_distractor_is_blanked_and_counted(tmp_path):
+  pos, neg = _rows()
+  neg["Flux"]["nimg1"][1][2] = b"\x89PNG garbage"
+  manual = _write(tmp_path / "hf", pos, neg)
+  split = _split_of(2)
+  with pytest.raises(input_pipeline.DataError,
+                     match=rf"NearID-Flux split '{split}' row 2 field 'nimg1'"):
+    input_pipeline.prepare(_config(manual, tmp_path / "tfds"))
+  out = input_pipeline.prepare(_config(manual, tmp_path / "t2",
+                                       skip_corrupt=True))
+  rec = next(r for r in _records(out["nearid"], split) if r["index"] == 2)
+  assert rec["distractors"]["Flux"][0] == b""
+  assert rec["distractors"]["Qwen"][0] == neg["Qwen"]["nimg1"][1][2]
+  meta = tfds.builder_from_directory(out["nearid"]).info.metadata
+  assert meta["blanked_images"][split] == 1
+
+
+def test_bad_split_file_is_named(built, tmp_path):
+  manual, _, _ = built
+  shutil.copytree(manual, tmp_path / "hf")
+  (tmp_path / "hf" / "splits" / "val.json").write_text("[40]")
+  with pytest.raises(ValueError, match=r"val.json: row 40 out of range"):
+    input_pipeline.prepare(_config(tmp_path / "hf", tmp_path / "tfds"))
+
+
+def test_missing_mtg_is_named_when_required(built, tmp_path):
+  manual, _, _ = built
+  shutil.copytree(manual, tmp_path / "hf",
+                  ignore=shutil.ignore_patterns("mtg-dataset"))
+  with pytest.raises(input_pipeline.DataError, match="MTG: .*mtg-dataset"):
+    input_pipeline.prepare(_config(tmp_path / "hf", tmp_path / "tfds",
+                                   mtg_repeat=4))
