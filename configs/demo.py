@@ -1,17 +1,43 @@
-"""The embedded default: a small SigLIP2-shaped tower on a 2-core CPU."""
+"""The embedded default: the full job on a small SigLIP2-shaped tower, 2 CPUs.
+
+    make demo     # = python launch.py --config configs/demo.py \
+                  #       --workdir runs/demo --mode demo
+
+Synthetic NearID-format data (input_pipeline/synthetic.py), a frozen
+`pico/8` tower made from the seed, and the paper's two-tier training of the
+MAP head (nearid_jax/demo.py).
+"""
 import ml_collections
+
+from configs.common import training_config
 
 
 def get_config(arg=None):
   del arg
-  c = ml_collections.ConfigDict()
-  c.seed = 0
-  c.model = ml_collections.ConfigDict()
-  c.model.variant = "pico/8"   # vit.VARIANTS name / patch size
-  c.model.res = 32
-  c.model.init = ""            # a checkpoint path; "" = make a random one
-  c.model.dtype = "float32"
-  c.export = ml_collections.ConfigDict()
-  c.export.formats = ("nearid", "hf-siglip")
-  c.export.dtype = "float32"
+  c = training_config()
+  c.total_steps = 600
+  c.warmup_steps = 50
+  c.lr = 3e-3                   # a fresh small head learns faster than R7's
+  c.log_every = 50
+  c.eval_every = 200
+  c.ckpt_every = 200
+
+  c.model.init = ""             # a random tower from `seed` (README)
+  c.model.variant, c.model.res = "pico/8", 48
+  c.model.scan = False
+
+  c.input.batch_size = 32
+  c.input.data_dir = ""         # "" = <workdir>/data/tfds
+  c.input.manual_dir = ""       # "" = <workdir>/data/hf (generated)
+  # Colour edits: what a frozen pico tower's tokens can carry (README).
+  c.input.sources = ("Flux", "SDXL")
+  c.input.eval_sources = c.input.sources
+  c.input.mtg_repeat = 1
+
+  c.eval.batch_size = 64
+
+  c.demo = ml_collections.ConfigDict()
+  c.demo.identities = 2000
+  c.demo.image_res = 64         # generated images; squash-resized to res
+  c.demo.mtg_rows = 60
   return c

@@ -135,7 +135,8 @@ def train_and_evaluate(config, workdir, data_iter=None, evaluate=None):
 
   data_iter: overrides the input pipeline (an iterator of per-process batches
     with grain's get_state/set_state). evaluate: (model, step) -> scalars,
-    run at step 0, every `eval_every` steps and at the end.
+    run at step 0, every `eval_every` steps and at the end; by default
+    evaluate.make_evaluator's NearID/MTG scores, baseline beside trained.
   Returns the final TrainState and the NearID model holding the trained head.
   """
   mesh = check_config(config)
@@ -146,6 +147,11 @@ def train_and_evaluate(config, workdir, data_iter=None, evaluate=None):
 
   # --- model and state
   model, frozen, state, train_step = setup(config, mesh)
+
+  if evaluate is None and config.eval_every:
+    # The baseline is the checkpoint's own MAP head: the state before training.
+    from nearid_jax import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
+    evaluate = evaluate_lib.make_evaluator(config, mesh, model.params["head"])
 
   # --- data
   if data_iter is None:

@@ -33,3 +33,10 @@ def load(workdir, step=None):
                   "head": jax.device_get(restored.params)}
   model.step = int(restored.step)
   return model
+
+
+def resolve_data_dirs(config, workdir):
+  """input.data_dir / manual_dir left "" live in the workdir (the demo's)."""
+  inp = config.input
+  inp.manual_dir = inp.manual_dir or os.path.join(workdir, "data", "hf")
+  inp.data_dir = inp.data_dir or os.path.join(workdir, "data", "tfds")

@@ -1,27 +1,105 @@
-"""The README's main command, on the embedded default config."""
+"""The README's main command (shortened), and the other launch.py modes."""
 import json
 import os
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# The demo at toy size: same code path, seconds instead of minutes.
+SHORT = ["--config.total_steps=4", "--config.eval_every=2",
+         "--config.log_every=2", "--config.ckpt_every=2",
+         "--config.input.batch_size=8", "--config.eval.batch_size=8",
+         "--config.demo.identities=24", "--config.demo.mtg_rows=10",
+         "--config.demo.image_res=32", "--config.model.res=32"]
 
-def test_launch_demo_end_to_end(tmp_path):
-  out = subprocess.run(
-      [sys.executable, "launch.py", "--config", "configs/demo.py",
-       "--workdir", str(tmp_path), "--mode", "demo"],
-      cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
-  assert out.returncode == 0, out.stderr[-3000:]
-  report = json.load(open(tmp_path / "demo.json"))
+
+def launch(workdir, *args, config="configs/demo.py", timeout=900):
+  return subprocess.run(
+      [sys.executable, "launch.py", "--config", config, "--workdir",
+       str(workdir), *args],
+      cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("demo")
+  out = launch(workdir, "--mode=demo", *SHORT)
+  assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+  return workdir, out
+
+
+def test_demo_writes_everything(demo_run):
+  workdir, out = demo_run
+  rows = [json.loads(l) for l in open(workdir / "metrics.jsonl")]
+  evals = [r for r in rows if "eval/nearid/ssr" in r]
+  assert [r["step"] for r in evals] == [0, 2, 4]
+  assert all("baseline/nearid/ssr" in r for r in evals)
+  assert any("train/loss" in r for r in rows)
+  for f in ("config.json", "demo.json", "report/report.md",
+            "report/report.json", "export/nearid/model.safetensors",
+            "export/hf-siglip/config.json"):
+    assert (workdir / f).exists(), f
+  summary = json.load(open(workdir / "demo.json"))
   for fmt in ("nearid", "hf-siglip"):
-    assert report["exports"][fmt]["max_abs_diff"] < 1e-4
+    assert summary["exports"][fmt]["transformers_max_abs_diff"] < 1e-4
+  assert "NearID SSR on held-out identities" in out.stdout
 
 
-def test_misspelled_config_key_is_refused(tmp_path):
-  out = subprocess.run(
-      [sys.executable, "launch.py", "--config", "configs/demo.py",
-       "--workdir", str(tmp_path), "--config.model.resolution=64"],
-      cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+def test_modes_on_the_demo_workdir(demo_run, tmp_path):
+  workdir, _ = demo_run
+  # export: the workdir's latest head, reloaded equals what the demo exported
+  out = launch(workdir, "--mode=export", *SHORT)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "exported hf-siglip" in out.stdout
+  # eval: a report from the workdir
+  out = launch(workdir, "--mode=eval", *SHORT)
+  assert out.returncode == 0, out.stderr[-3000:]
+  report = json.load(open(workdir / "eval" / "report.json"))
+  assert "nearid" in json.dumps(report)
+  # train again: resumes at the end, nothing to do
+  out = launch(workdir, "--mode=train", *SHORT)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "resumed from step 4" in out.stdout + out.stderr
+
+
+def test_sweep_runs_each_override_in_its_own_workdir(demo_run, tmp_path):
+  workdir, _ = demo_run
+  cfg = tmp_path / "sweep_cfg.py"
+  cfg.write_text(
+      "import sys\nsys.path.insert(0, %r)\n"
+      "from configs.demo import get_config\n"
+      "def sweep():\n"
+      "  return [{'lr': 1e-3}, {'lr': 3e-3, 'loss.temperature': 0.1}]\n"
+      % REPO)
+  data = [f"--config.input.data_dir={workdir}/data/tfds",
+          f"--config.input.manual_dir={workdir}/data/hf",
+          "--config.eval_every=0", "--config.total_steps=2"]
+  out = launch(tmp_path / "root", "--mode=sweep", *SHORT, *data,
+               config=str(cfg))
+  assert out.returncode == 0, out.stderr[-3000:]
+  runs = sorted(os.listdir(tmp_path / "root"))
+  assert runs == ["lr=0.001", "lr=0.003,loss.temperature=0.1"]
+  saved = json.load(open(tmp_path / "root" / runs[1] / "config.json"))
+  assert saved["lr"] == 0.003 and saved["loss"]["temperature"] == 0.1
+
+  cfg.write_text(cfg.read_text().replace("'loss.temperature'", "'loss.temp'"))
+  out = launch(tmp_path / "root2", "--mode=sweep", *SHORT, *data,
+               config=str(cfg))
   assert out.returncode != 0
-  assert "resolution" in out.stderr
+  assert "sweep override loss.temp=0.1" in out.stderr
+  assert not (tmp_path / "root2").exists()  # refused before any run
+
+
+@pytest.mark.parametrize("flag,match", [
+    ("--config.model.resolution=64", "resolution"),
+    ("--config.lr=fast", "lr"),
+    ("--config.mesh=(('data', 3),)", "does not divide the"),
+])
+def test_config_faults_are_refused_before_compute(tmp_path, flag, match):
+  out = launch(tmp_path, "--mode=train", flag, timeout=300)
+  assert out.returncode != 0
+  assert match in out.stderr
+  assert not (tmp_path / "checkpoints").exists()

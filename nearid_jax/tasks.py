@@ -1,0 +1,47 @@
+"""What each `launch.py --mode` runs. Every mode takes (config, workdir)."""
+import os
+
+from nearid_jax import demo as demo_lib
+from nearid_jax import sweep as sweep_lib
+from nearid_jax import train as train_lib
+from nearid_jax import workdir as workdir_lib
+from nearid_jax.model import NearID
+
+
+def prepare(config, workdir):
+  workdir_lib.resolve_data_dirs(config, workdir)
+  import input_pipeline  # pylint: disable=g-import-not-at-top
+  for name, path in input_pipeline.prepare(config.input).items():
+    print(f"prepared {name}: {path}")
+
+
+def train(config, workdir):
+  workdir_lib.resolve_data_dirs(config, workdir)
+  train_lib.train_and_evaluate(config, workdir)
+
+
+def evaluate(config, workdir):
+  from nearid_jax import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
+  workdir_lib.resolve_data_dirs(config, workdir)
+  evaluate_lib.run(config, workdir, os.path.join(workdir, "eval"))
+
+
+def export(config, workdir):
+  """The workdir's latest head (with its tower) in each configured format."""
+  model = NearID.load(workdir)
+  for fmt in config.export.formats:
+    out = model.export(os.path.join(workdir, "export", fmt), format=fmt,
+                       dtype=config.export.dtype, overwrite=True)
+    print(f"exported {fmt} ({config.export.dtype}): {out}")
+
+
+def sweep(config, config_file, root):
+  runs = sweep_lib.runs(config, config_file, root)  # all checked up front
+  for i, (run_config, workdir) in enumerate(runs):
+    print(f"sweep run {i + 1}/{len(runs)}: {workdir}", flush=True)
+    workdir_lib.resolve_data_dirs(run_config, workdir)
+    train_lib.train_and_evaluate(run_config, workdir)
+
+
+MODES = {"demo": demo_lib.run, "prepare": prepare, "train": train,
+         "eval": evaluate, "export": export}
