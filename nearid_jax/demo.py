@@ -19,7 +19,6 @@ import numpy as np
 from nearid_jax import evaluate
 from nearid_jax import train
 from nearid_jax import workdir as workdir_lib
-from nearid_jax.model import NearID
 
 
 def _log(msg):
@@ -71,7 +70,6 @@ def run(config, workdir):
   evaluate.run(config, workdir, report_dir)
   batch = next(iter(input_pipeline.eval_batches(
       config.input, config.eval.split, batch_size=8)))
-  model = NearID.load(workdir)
   exports = _verify_exports(model, workdir, config,
                             batch["views"][:, 0][batch["valid"]])
 
