@@ -86,7 +86,7 @@ def peak_flops(times, kind="wall_s", n=MATMUL_N):
 
 
 def matmul_peak(n=MATMUL_N, repeats=5):
-  """Float32 matmul peak on its own: peak_flops of a time_calls of matmul_calls."""
+  """The float32 matmul peak measured on its own (peak_flops' dict)."""
   with torch.inference_mode():
     return peak_flops(time_calls(matmul_calls(n), repeats=repeats), n)
 

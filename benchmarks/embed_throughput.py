@@ -12,8 +12,12 @@ as a big_vision .npz and read with `NearID.load`, then exported with
 preprocessed input in [-1, 1] (NHWC for JAX, NCHW for torch), so the timings
 are the forward pass alone: `model._forward(params, x)` and
 `SiglipVisionModel(pixel_values=x)` under `torch.inference_mode()`, eager and,
-unless --no-compile, `torch.compile`d. Achieved FLOP/s are against the float32
-matmul peak (jnp.dot and torch.mm) measured in the same run.
+unless --no-compile, `torch.compile`d. Achieved FLOP/s (forward_flops) are
+against the float32 matmul peak of jnp.dot and torch.mm timed between the
+models' calls in the same run; the last column does the same per CPU-second,
+which holds still on a machine shared with other jobs. torch gets one thread
+per usable core; XLA:CPU does so by default. `taskset -c 0 ...` runs both on
+one core.
 """
 import argparse
 import dataclasses
@@ -33,6 +37,7 @@ from nearid_jax.formats import bigvision
 from nearid_jax.model import NearID
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+SCAN = {"default": None, "scanned": True, "unrolled": False}
 
 
 def forward_flops(arch, batch):
@@ -61,11 +66,11 @@ def forward_flops(arch, batch):
   return batch * (embed + arch.depth * block + head)
 
 
-def build_models(arch, dtype, workdir):
-  """Same random weights in our NearID and in a transformers SiglipVisionModel."""
+def build_models(arch, dtype, scan, workdir):
+  """Same random weights in our NearID and a transformers SiglipVisionModel."""
   npz = os.path.join(workdir, "tower.npz")
   bigvision.save(npz, random_init.random_tower(arch), two_tower=False)
-  ours = NearID.load(npz, dtype=dtype)
+  ours = NearID.load(npz, dtype=dtype, scan=scan)
   hf_dir = ours.export(os.path.join(workdir, "hf"), format="hf-siglip")
   theirs = transformers.SiglipVisionModel.from_pretrained(hf_dir).eval()
   return ours, theirs.to(TORCH_DTYPES[dtype])
@@ -74,8 +79,8 @@ def build_models(arch, dtype, workdir):
 def torch_calls(model, x, try_compile):
   """{name: call} for eager (and compiled) torch, their labels, compile note."""
   calls = {"torch": lambda: model(pixel_values=x)}
-  labels = {"torch": "PyTorch SiglipVisionModel (eager, attn="
-                     f"{model.config._attn_implementation})"}  # pylint: disable=protected-access
+  attn = model.config._attn_implementation  # pylint: disable=protected-access
+  labels = {"torch": f"PyTorch SiglipVisionModel (eager, attn={attn})"}
   if not try_compile:
     return calls, labels, "not tried (--no-compile)"
   compiled = torch.compile(model)
@@ -84,7 +89,8 @@ def torch_calls(model, x, try_compile):
     compiled(pixel_values=x)  # compiles
     note = f"used (inductor); first call {time.perf_counter() - start:.0f} s"
   except Exception as e:  # pylint: disable=broad-except
-    return calls, labels, f"failed: {type(e).__name__}: {str(e).splitlines()[0]}"
+    first_line = str(e).splitlines()[0] if str(e) else ""
+    return calls, labels, f"failed: {type(e).__name__}: {first_line}"
   calls["torch_compile"] = lambda: compiled(pixel_values=x)
   labels["torch_compile"] = "PyTorch SiglipVisionModel (torch.compile)"
   return calls, labels, note
@@ -130,8 +136,11 @@ def main():
   parser.add_argument("--variant", default="B/16", help="NAME/PATCH, e.g. B/16")
   parser.add_argument("--res", type=int, default=224)
   parser.add_argument("--batch", type=int, default=8)
-  parser.add_argument("--dtype", default="float32", choices=sorted(TORCH_DTYPES),
+  parser.add_argument("--dtype", default="float32",
+                      choices=sorted(TORCH_DTYPES),
                       help="compute dtype of both models")
+  parser.add_argument("--scan", choices=sorted(SCAN), default="default",
+                      help="block layout of our tower (default: NearID.load's)")
   parser.add_argument("--warmup", type=int, default=2,
                       help="untimed calls of each model first (at least 1)")
   parser.add_argument("--repeats", type=int, default=5)
@@ -144,9 +153,9 @@ def main():
   arch = vit.Arch.from_variant(args.variant, args.res)
   flops = forward_flops(arch, args.batch)
   with tempfile.TemporaryDirectory() as workdir:
-    ours, theirs = build_models(arch, args.dtype, workdir)
-  x = np.random.default_rng(0).uniform(
-      -1, 1, (args.batch, arch.image_size, arch.image_size, 3)).astype(np.float32)
+    ours, theirs = build_models(arch, args.dtype, SCAN[args.scan], workdir)
+  shape = (args.batch, arch.image_size, arch.image_size, 3)
+  x = np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32)
   x_jax = jax.device_put(x)
   x_torch = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).to(
       TORCH_DTYPES[args.dtype])
@@ -164,7 +173,7 @@ def main():
     calls = {"jax": lambda: forward(ours.params, x_jax).block_until_ready(),
              **calls}
     labels["jax"] = (f"JAX nearid_jax (jit, "
-                     f"{'scan' if ours.scan else 'unrolled'} blocks)")
+                     f"{'scanned' if ours.scan else 'unrolled'} blocks)")
     matmuls = common.matmul_calls()
     for call in matmuls.values():  # their warm-up call; the models had theirs
       call()
