@@ -5,7 +5,6 @@ checkpoint/resume, loop. The frozen tower is sharded (optionally over a
 weight axis), the head and its optimizer state are replicated, the batch is
 split over "data"; the loss sees the global batch.
 """
-import json
 import os
 import time
 from typing import Any

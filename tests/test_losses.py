@@ -1,6 +1,5 @@
 """Losses vs plain-numpy float64 references written from SPEC.md §3."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
