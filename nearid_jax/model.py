@@ -19,6 +19,11 @@ HEAD_KEYS = ("MAPHead_0", "proj")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
+def default_scan(arch, scan=None):
+  """Scanned blocks for deep towers (fast compiles) unless asked otherwise."""
+  return arch.depth > 12 if scan is None else scan
+
+
 def split_params(flat, arch, scan):
   """Canonical flat dict -> {"img": tower tree, "head": head tree}."""
   tower = {k: v for k, v in flat.items() if not k.startswith(HEAD_KEYS)}
@@ -57,7 +62,7 @@ class NearID:
                        f"{preprocess.RESIZE_METHODS}")
     self.arch = arch
     self.out_dim = out_dim or arch.width
-    self.scan = arch.depth > 12 if scan is None else scan
+    self.scan = default_scan(arch, scan)
     self.resize = resize
     self.batch_size = batch_size
     self.tower = vit.VisionTower(arch, scan=self.scan, remat=remat,
@@ -92,8 +97,7 @@ class NearID:
     elif has_proj:
       out_dim = flat["proj/kernel"].shape[1]
     common.check(flat, arch, os.fspath(path), out_dim)
-    scan = kw.pop("scan", None)
-    scan = arch.depth > 12 if scan is None else scan
+    scan = default_scan(arch, kw.pop("scan", None))
     params = split_params(flat, arch, scan)
     return cls(arch, jax.device_put(params), out_dim=out_dim, scan=scan, **kw)
 
