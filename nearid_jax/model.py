@@ -42,12 +42,17 @@ def join_params(params, scan):
   return {k: np.asarray(v, np.float32) for k, v in flat.items()}
 
 
+def frozen_tokens(tower, img_params, images):
+  """Images in [-1, 1] -> the tower's tokens (B, N, D), outside any gradient."""
+  tokens = tower.apply({"params": img_params}, images.astype(tower.dtype))
+  # Frozen: no gradient ever reaches the tower.
+  return jax.lax.stop_gradient(tokens)
+
+
 def forward(tower, head, params, images):
   """Images in [-1, 1] -> L2-normalised embeddings; the tower is frozen."""
-  tokens = tower.apply({"params": params["img"]}, images.astype(tower.dtype))
-  # Frozen: no gradient ever reaches the tower.
-  tokens = jax.lax.stop_gradient(tokens)
-  return head.apply({"params": params["head"]}, tokens)
+  return head.apply({"params": params["head"]},
+                    frozen_tokens(tower, params["img"], images))
 
 
 class NearID:

@@ -22,7 +22,7 @@ from nearid_jax import preprocess
 from nearid_jax import sharding
 from nearid_jax import vit
 from nearid_jax.metric_writer import MetricWriter
-from nearid_jax.model import forward
+from nearid_jax.model import frozen_tokens
 from nearid_jax.model import NearID
 from nearid_jax.model import split_params
 from nearid_jax.random_init import random_tower
@@ -72,20 +72,31 @@ def create_train_state(config, head_params):
   return state, tx
 
 
+def group_tokens(model, frozen, batch):
+  """The frozen tower's tokens for every slot of a batch: (B * 6, N, D).
+
+  One tower forward for all 3 views + 3 distractors; a batch read from the
+  feature cache (nearid_jax/feature_cache.py) carries them already.
+  """
+  if "tokens" in batch:
+    t = batch["tokens"]  # (B, 6, N, D), bfloat16 on disk
+    return t.reshape((-1,) + t.shape[2:]).astype(jnp.float32)
+  images = jnp.concatenate([batch["views"], batch["distractors"]], axis=1)
+  x = preprocess.scale(images.reshape((-1,) + images.shape[2:]))
+  return frozen_tokens(model.tower, frozen, x)
+
+
 def make_train_step(model, tx, config):
   loss_fn = losses.LOSSES[config.loss.name]
   hparams = {k: v for k, v in config.loss.items() if k != "name"}
   lr = optim.schedule(config)
 
   def step(frozen, state, batch):
-    # (B, 3 views + 3 distractors, R, R, 3) uint8 -> one forward for all slots
-    images = jnp.concatenate([batch["views"], batch["distractors"]], axis=1)
-    b, s = images.shape[:2]
-    x = preprocess.scale(images.reshape((b * s,) + images.shape[2:]))
+    tokens = group_tokens(model, frozen, batch)
+    b = batch["view_mask"].shape[0]
 
     def objective(head):
-      emb = forward(model.tower, model.head, {"img": frozen, "head": head}, x)
-      emb = emb.reshape(b, s, -1)
+      emb = model.head.apply({"params": head}, tokens).reshape(b, 6, -1)
       return loss_fn(emb[:, 0], emb[:, 1:3], emb[:, 3:],
                      batch["view_mask"][:, 1:], batch["distractor_mask"],
                      **hparams)
