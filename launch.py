@@ -32,11 +32,17 @@ def main(argv):
   # Imported after flag parsing so that --help stays fast.
   from nearid_jax import tasks  # pylint: disable=g-import-not-at-top
   config, workdir = _CONFIG.value, _WORKDIR.value
-  if _MODE.value == "sweep":
-    tasks.sweep(config, config_flags.get_config_filename(flags.FLAGS["config"]),
-                workdir)
-  else:
-    tasks.MODES[_MODE.value](config, workdir)
+  from nearid_jax.preemption import Preempted  # pylint: disable=g-import-not-at-top
+  try:
+    if _MODE.value == "sweep":
+      tasks.sweep(config,
+                  config_flags.get_config_filename(flags.FLAGS["config"]),
+                  workdir)
+    else:
+      tasks.MODES[_MODE.value](config, workdir)
+  except Preempted as e:
+    # A clean stop: the scheduler restarts the same command, which resumes.
+    print(e, flush=True)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,9 @@ def training_config():
   c.eval_every = 100            # 0 = no evaluation during training
   c.ckpt_every = 100
   c.keep_ckpts = 3
+  # A non-finite loss or gradient: "stop" (naming the step; checkpoints stay
+  # before it) or "skip" that update and go on (train/skipped_updates).
+  c.on_nonfinite = "stop"
 
   c.loss = ml_collections.ConfigDict()
   c.loss.name = "two_tier"      # losses.LOSSES; the other fields its kwargs

@@ -116,12 +116,13 @@ def train_dataset(cfg, process_index=None, process_count=None):
   if not cfg.sources:
     raise ValueError("input.sources is empty: training groups need at least "
                      "one distractor source")
-  nearid = tfds_builders.load_nearid(cfg.data_dir, cfg.sources)
-  nearid = nearid.as_data_source(split=cfg.split)
+  nearid = tfds_builders.data_source(
+      tfds_builders.load_nearid(cfg.data_dir, cfg.sources), cfg.split)
   entries = [(groups.NEARID, i, 0) for i in range(len(nearid))]
   mtg = None
   if cfg.mtg_repeat > 0:
-    mtg = tfds_builders.load_mtg(cfg.data_dir).as_data_source(split="train")
+    mtg = tfds_builders.data_source(tfds_builders.load_mtg(cfg.data_dir),
+                                    "train")
     entries += [(groups.MTG, i, c) for c in range(cfg.mtg_repeat)
                 for i in range(len(mtg))]
   entries = np.array(entries, np.int64)
@@ -191,7 +192,7 @@ def eval_batches(cfg, split, sources=None, batch_size=None, dataset="nearid",
   if split not in source.info.splits:
     raise ValueError(f"{dataset} has no split {split!r} (splits: "
                      f"{list(source.info.splits)})")
-  source = source.as_data_source(split=split)
+  source = tfds_builders.data_source(source, split)
   n = len(source)
   steps = -(-n // batch_size)
   positions = [j * batch_size + process_index * batch + t

@@ -341,3 +341,43 @@ def load_mtg(data_dir):
                     f"{os.path.join(data_dir, MTG.name)}; put it in "
                     f"<manual_dir>/{MTG_FOLDER} and run prepare")
   return found[0][1]
+
+
+def data_source(builder, split):
+  """`builder`'s split as a random-access source whose faults name the file.
+
+  Each ArrayRecord shard is opened first and its record count checked
+  against dataset_info.json, so a truncated or replaced shard stops here,
+  before training, instead of as an anonymous Riegeli error mid-epoch.
+  """
+  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+  info = builder.info.splits[split]
+  paths = [os.path.join(builder.data_dir, f) for f in info.filenames]
+  for path, want in zip(paths, info.shard_lengths):
+    try:
+      reader = array_record_module.ArrayRecordReader(path)
+      have = reader.num_records()
+      reader.close()
+    except Exception as e:  # pylint: disable=broad-except
+      raise DataError(f"{path}: unreadable ArrayRecord shard ({e}); "
+                      "run prepare again to rebuild it") from e
+    if have != want:
+      raise DataError(f"{path}: {have} records, dataset_info.json says "
+                      f"{want}: a truncated shard; run prepare again")
+  return _NamedSource(builder.as_data_source(split=split), paths)
+
+
+class _NamedSource:
+  """A tfds data source whose read errors name the shard files and record."""
+
+  def __init__(self, source, paths):
+    self.source, self.paths = source, paths
+
+  def __len__(self):
+    return len(self.source)
+
+  def __getitem__(self, index):
+    try:
+      return self.source[index]
+    except (RuntimeError, OSError) as e:
+      raise DataError(f"record {index} of {self.paths}: {e}") from e

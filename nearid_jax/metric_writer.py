@@ -5,14 +5,37 @@ import os
 import jax
 
 
-class MetricWriter:
+def _drop_rows_after(path, step):
+  """Keeps metrics.jsonl rows up to `step`; a torn last line goes too."""
+  if not os.path.exists(path):
+    return
+  keep = []
+  with open(path) as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:
+        continue  # a line cut by a kill -9
+      if row["step"] <= step:
+        keep.append(line if line.endswith("\n") else line + "\n")
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.writelines(keep)
+  os.replace(tmp, path)
 
-  def __init__(self, workdir):
+
+class MetricWriter:
+  """resume_step: rows of later steps (lost work, to be redone) are dropped."""
+
+  def __init__(self, workdir, resume_step=None):
     self.enabled = jax.process_index() == 0
     if not self.enabled:
       return
     import tensorboardX  # pylint: disable=g-import-not-at-top
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    path = os.path.join(workdir, "metrics.jsonl")
+    if resume_step is not None:
+      _drop_rows_after(path, resume_step)
+    self._jsonl = open(path, "a")
     self._tb = tensorboardX.SummaryWriter(workdir)
 
   def write(self, step, scalars):

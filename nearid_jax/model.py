@@ -156,12 +156,15 @@ class NearID:
                        scanned=self.scan, two_tower=False)
       else:
         hf.save(tmp, flat, self.arch, format, dtype)
+      # The old export is moved aside, not deleted, until the new one is in.
+      old = tmp + ".old"
       if os.path.exists(out_dir):
-        shutil.rmtree(out_dir)
+        os.replace(out_dir, old)
       os.replace(tmp, out_dir)
     finally:
-      if os.path.exists(tmp):
-        shutil.rmtree(tmp)
+      for path in (tmp, tmp + ".old"):
+        if os.path.exists(path):
+          shutil.rmtree(path)
     return out_dir
 
 

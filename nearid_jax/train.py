@@ -18,6 +18,7 @@ import optax
 from nearid_jax import checkpointing
 from nearid_jax import losses
 from nearid_jax import optim
+from nearid_jax import preemption
 from nearid_jax import preprocess
 from nearid_jax import sharding
 from nearid_jax import vit
@@ -34,6 +35,13 @@ class TrainState:
   params: Any  # the head's only: the tower is not in the optimizer
   opt_state: Any
   rng: jax.Array
+  # Updates not applied because the loss or a gradient was not finite, and
+  # the first step that happened at (0: never).
+  skipped: jax.Array
+  first_nonfinite: jax.Array
+
+
+NONFINITE_POLICIES = ("stop", "skip")
 
 
 def check_config(config):
@@ -44,6 +52,12 @@ def check_config(config):
   for field in ("total_steps", "log_every", "ckpt_every"):
     if config[field] <= 0:
       raise ValueError(f"{field}={config[field]} must be positive")
+  if config.on_nonfinite not in NONFINITE_POLICIES:
+    raise ValueError(f"on_nonfinite={config.on_nonfinite!r}: one of "
+                     f"{NONFINITE_POLICIES}")
+  if not config.model.init:  # a checkpoint's arch is checked as it loads
+    vit.Arch.from_variant(config.model.variant,
+                          config.model.res).check_tiles("model.res")
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch(mesh, config.input.batch_size)
   return mesh
@@ -54,8 +68,10 @@ def load_model(config):
   m = config.model
   kw = dict(dtype=m.dtype, scan=m.scan, remat=m.remat, resize=m.resize)
   if m.init:
-    return NearID.load(m.init, image_size=m.res or None,
-                       out_dim=m.out_dim or None, seed=config.seed, **kw)
+    model = NearID.load(m.init, image_size=m.res or None,
+                        out_dim=m.out_dim or None, seed=config.seed, **kw)
+    model.arch.check_tiles("model.res" if m.res else f"{m.init} resolution")
+    return model
   # No checkpoint: a random tower from the seed (smoke tests, benchmarks).
   arch = vit.Arch.from_variant(m.variant, m.res)
   flat = random_tower(arch, config.seed)
@@ -66,9 +82,12 @@ def load_model(config):
 
 def create_train_state(config, head_params):
   tx = optim.make(config)
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=head_params,
+  # Separate buffers: the step donates the state, each leaf once.
+  zero = lambda: jnp.zeros((), jnp.int32)  # pylint: disable=unnecessary-lambda-assignment
+  state = TrainState(step=zero(), params=head_params,
                      opt_state=tx.init(head_params),
-                     rng=jax.random.PRNGKey(config.seed))
+                     rng=jax.random.PRNGKey(config.seed), skipped=zero(),
+                     first_nonfinite=zero())
   return state, tx
 
 
@@ -103,12 +122,24 @@ def make_train_step(model, tx, config):
 
     (loss, aux), grads = jax.value_and_grad(objective, has_aux=True)(
         state.params)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"train/loss": loss, "train/grad_norm": optax.tree.norm(grads),
+    # A non-finite loss or gradient never reaches the parameters; the loop
+    # then stops or goes on (config.on_nonfinite) at its next host sync.
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    params, opt_state = jax.tree.map(
+        lambda new, old: jnp.where(ok, new, old), (params, opt_state),
+        (state.params, state.opt_state))
+    first = jnp.where((state.first_nonfinite == 0) & ~ok, state.step + 1,
+                      state.first_nonfinite)
+    metrics = {"train/loss": loss, "train/grad_norm": grad_norm,
                "train/lr": lr(state.step),
                **{f"train/{k}": v for k, v in aux.items()}}
-    new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    new = state.replace(step=state.step + 1, params=params,
+                        opt_state=opt_state,
+                        skipped=state.skipped + (~ok).astype(jnp.int32),
+                        first_nonfinite=first)
     return new, metrics
 
   return step
@@ -169,15 +200,17 @@ def train_and_evaluate(config, workdir, data_iter=None, evaluate=None):
     data_iter = input_pipeline.train_iterator(
         config.input, jax.process_index(), jax.process_count())
 
-  # --- checkpoints: resume if there is one
+  # --- checkpoints: resume from the newest readable one
   mngr = checkpointing.manager(workdir, config.keep_ckpts)
-  restored = checkpointing.restore(mngr, state, data_iter)
+  restored = checkpointing.restore(mngr, state, data_iter, log=_log)
   if restored is not None:
     state = restored
     _log(f"resumed from step {int(state.step)}")
   first = int(state.step)
 
-  writer = MetricWriter(workdir)
+  # Rows past the checkpoint are from steps about to be redone (all rows on
+  # a fresh start, which redoes the step-0 evaluation too).
+  writer = MetricWriter(workdir, resume_step=first if first else -1)
 
   def run_eval(step):
     if evaluate is None:
@@ -185,38 +218,62 @@ def train_and_evaluate(config, workdir, data_iter=None, evaluate=None):
     model.params = {"img": frozen, "head": state.params}
     writer.write(step, evaluate(model, step))
 
+  def check_finite(state):
+    """Host sync: raises in "stop" mode once an update was not finite."""
+    skipped, bad = (int(x) for x in jax.device_get(
+        (state.skipped, state.first_nonfinite)))
+    if bad and config.on_nonfinite == "stop":
+      mngr.wait_until_finished()
+      last = mngr.latest_step()
+      raise FloatingPointError(
+          f"step {bad}: the loss or a gradient is not finite; stopped "
+          f"(config.on_nonfinite='stop'). Last good checkpoint: "
+          f"{'none' if last is None else f'step {last}'} in {workdir}")
+    return skipped
+
   if first == 0 and config.eval_every:
     run_eval(0)
 
   # --- loop
   images_per_step = config.input.batch_size * 6
   t0, last = time.time(), first
-  for step in range(first + 1, config.total_steps + 1):
-    batch = sharding.global_batch(next(data_iter), mesh)
-    state, metrics = train_step(frozen, state, batch)
+  try:
+    with preemption.Watch() as watch:
+      for step in range(first + 1, config.total_steps + 1):
+        batch = sharding.global_batch(next(data_iter), mesh)
+        state, metrics = train_step(frozen, state, batch)
+        end = step == config.total_steps
+        preempted = watch.reached(step)
 
-    if step % config.log_every == 0 or step == config.total_steps:
-      metrics = jax.device_get(metrics)  # the only host sync of the loop
-      if not np.isfinite(metrics["train/loss"]):
-        raise FloatingPointError(f"step {step}: loss is "
-                                 f"{metrics['train/loss']}")
-      dt = time.time() - t0
-      rate = (step - last) / dt
-      writer.write(step, {**metrics, "perf/steps_per_s": rate,
-                          "perf/images_per_s": rate * images_per_step})
-      eta = (config.total_steps - step) / max(rate, 1e-9)
-      _log(f"step {step}/{config.total_steps} loss "
-           f"{metrics['train/loss']:.4f} | {rate:.2f} steps/s, "
-           f"{rate * images_per_step:.1f} img/s | ETA {eta:.0f}s")
-      t0, last = time.time(), step
+        if step % config.log_every == 0 or end or preempted:
+          metrics = jax.device_get(metrics)  # the loop's only regular sync
+          skipped = check_finite(state)
+          dt = time.time() - t0
+          rate = (step - last) / dt
+          writer.write(step, {**metrics, "train/skipped_updates": skipped,
+                              "perf/steps_per_s": rate,
+                              "perf/images_per_s": rate * images_per_step})
+          eta = (config.total_steps - step) / max(rate, 1e-9)
+          _log(f"step {step}/{config.total_steps} loss "
+               f"{metrics['train/loss']:.4f} | {rate:.2f} steps/s, "
+               f"{rate * images_per_step:.1f} img/s | ETA {eta:.0f}s"
+               + (f" | {skipped} updates skipped" if skipped else ""))
+          t0, last = time.time(), step
 
-    if step % config.ckpt_every == 0 or step == config.total_steps:
-      checkpointing.save(mngr, step, state, data_iter)
-    if config.eval_every and (step % config.eval_every == 0
-                              or step == config.total_steps):
-      run_eval(step)
+        if step % config.ckpt_every == 0 or end or preempted:
+          check_finite(state)  # never save past a non-finite step
+          checkpointing.save(mngr, step, state, data_iter, force=preempted)
+        if preempted:
+          mngr.wait_until_finished()
+          _log(f"preemption notice: saved step {step}, stopping")
+          raise preemption.Preempted(step, workdir)
+        if config.eval_every and (step % config.eval_every == 0 or end):
+          run_eval(step)
+  finally:
+    # Whatever stops the loop, a save in flight completes and the metrics
+    # written so far are flushed: nothing already written is lost.
+    mngr.wait_until_finished()
+    writer.close()
 
-  mngr.wait_until_finished()
-  writer.close()
   model.params = {"img": frozen, "head": state.params}
   return state, model

@@ -72,6 +72,21 @@ class Arch:
   def replace(self, **kw):
     return dataclasses.replace(self, **kw)
 
+  def check_tiles(self, what):
+    """Refuses a resolution the patches do not tile, unless SigLIP2 ships it.
+
+    So400m/14@384 (27x27 patches, 6 px dropped) is released and must load;
+    any other such choice is most likely a typo that silently drops pixels.
+    """
+    released = {(int(v.split("/")[1].split("@")[0]), int(v.split("@")[1]))
+                for v in SIGLIP2_FIXED_RES}
+    if (self.image_size % self.patch_size
+        and (self.patch_size, self.image_size) not in released):
+      raise ValueError(
+          f"{what}={self.image_size} is not a multiple of the patch size "
+          f"{self.patch_size} (the last {self.image_size % self.patch_size} "
+          "pixels would be dropped) and no released SigLIP2 tower uses it")
+
   @classmethod
   def from_variant(cls, variant, image_size=None):
     """"So400m/14" with image_size, or "So400m/14@384"."""

@@ -12,6 +12,7 @@ from nearid_jax import CheckpointError
 from nearid_jax import NearID
 from nearid_jax import torch_export
 from nearid_jax.formats import common
+from nearid_jax.formats import hf
 
 
 @pytest.fixture(scope="module")
@@ -286,6 +287,24 @@ def test_export_refuses_to_overwrite(loaded, tmp_path):
   assert [p for p in os.listdir(tmp_path) if p.startswith(".export")] == []
   with pytest.raises(ValueError, match="unknown export format 'onnx'"):
     model.export(tmp_path / "f", format="onnx")
+
+
+def test_failed_export_leaves_nothing_and_keeps_the_old(loaded, tmp_path,
+                                                     monkeypatch):
+  _, _, _, model = loaded
+  out = tmp_path / "e"
+  model.export(out, format="hf-siglip")
+  before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+  def write_half_then_fail(path, *args):
+    open(os.path.join(path, "model.safetensors"), "wb").write(b"partial")
+    raise OSError("disk full")
+  monkeypatch.setattr(hf, "save", write_half_then_fail)
+  for target, overwrite in ((out, True), (tmp_path / "new", False)):
+    with pytest.raises(OSError, match="disk full"):
+      model.export(target, format="nearid", overwrite=overwrite)
+  assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+  assert sorted(os.listdir(tmp_path)) == ["e"]  # no "new", no temp dirs
 
 
 @pytest.mark.parametrize("images,match", [

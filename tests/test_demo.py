@@ -1,6 +1,8 @@
 """The README's main command (shortened), and the other launch.py modes."""
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 
@@ -65,6 +67,27 @@ def test_modes_on_the_demo_workdir(demo_run, tmp_path):
   assert "resumed from step 4" in out.stdout + out.stderr
 
 
+def test_sigterm_to_launch_saves_and_exits_0(demo_run, tmp_path):
+  workdir, _ = demo_run
+  p = subprocess.Popen(
+      [sys.executable, "launch.py", "--config", "configs/demo.py",
+       "--workdir", str(tmp_path / "run"), "--mode=train", *SHORT,
+       f"--config.input.data_dir={workdir}/data/tfds",
+       f"--config.input.manual_dir={workdir}/data/hf",
+       "--config.total_steps=100000", "--config.log_every=1",
+       "--config.ckpt_every=100000", "--config.eval_every=0"],
+      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  for line in p.stdout:
+    if "step 2/100000" in line:
+      break
+  p.send_signal(signal.SIGTERM)
+  out = p.communicate(timeout=300)[0]
+  assert p.returncode == 0, out[-3000:]
+  step = int(re.search(r"preempted: checkpoint saved at step (\d+)",
+                       out).group(1))
+  assert os.listdir(tmp_path / "run" / "checkpoints") == [str(step)]
+
+
 def test_sweep_runs_each_override_in_its_own_workdir(demo_run, tmp_path):
   workdir, _ = demo_run
   cfg = tmp_path / "sweep_cfg.py"
@@ -97,6 +120,7 @@ def test_sweep_runs_each_override_in_its_own_workdir(demo_run, tmp_path):
     ("--config.model.resolution=64", "resolution"),
     ("--config.lr=fast", "lr"),
     ("--config.mesh=(('data', 3),)", "does not divide the"),
+    ("--config.model.res=50", "model.res=50 is not a multiple of the patch"),
 ])
 def test_config_faults_are_refused_before_compute(tmp_path, flag, match):
   out = launch(tmp_path, "--mode=train", flag, timeout=300)

@@ -1,12 +1,15 @@
 """grain pipelines: training groups (SPEC §4), sharding, restore, eval rows."""
 import io
 import itertools
+import re
+import shutil
 
 import numpy as np
 from PIL import Image
 import pytest
 
 import input_pipeline
+from input_pipeline import groups
 from input_pipeline import hf_format
 from input_pipeline import splits as splits_lib
 from input_pipeline import synthetic
@@ -238,6 +241,32 @@ def test_mtg_eval_rows_and_oracle(data):
         b["distractors"][0, 0, k],
         _decode(row[f"image_{k + 1}_inpainted"]["bytes"]))
   np.testing.assert_array_equal(b["view_mask"][0], [True, True, False])
+
+
+def test_truncated_shard_is_named_before_training(data, tmp_path):
+  _, cfg = data
+  shutil.copytree(cfg.data_dir, tmp_path / "tfds")
+  (shard,) = (tmp_path / "tfds").rglob("nearid-train.array_record-*")
+  shard.write_bytes(shard.read_bytes()[:shard.stat().st_size // 2])
+  cut = _config(cfg.manual_dir, tmp_path / "tfds")
+  with pytest.raises(input_pipeline.DataError,
+                     match=re.escape(str(shard)) + ": unreadable ArrayRecord "
+                     "shard .*run prepare again"):
+    input_pipeline.train_iterator(cut, 0, 1)
+
+
+def test_truncated_jpeg_is_named_or_skipped():
+  buf = io.BytesIO()
+  Image.fromarray(np.random.default_rng(0).integers(
+      0, 256, (64, 64, 3), np.uint8)).save(buf, "JPEG")
+  cut = buf.getvalue()[:len(buf.getvalue()) // 2]
+  where = "NearID split 'train' row 3 field 'images1'"
+  with pytest.raises(input_pipeline.CorruptImage,
+                     match=f"{where}: corrupt image .*truncated"):
+    groups.Decoder(16)(cut, where, [])
+  skipped = []
+  assert groups.Decoder(16, skip_corrupt=True)(cut, where, skipped) is None
+  assert skipped == [where]
 
 
 def _truncated(png):

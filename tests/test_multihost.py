@@ -7,24 +7,25 @@ import sys
 import numpy as np
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                      "multihost_worker.py")
+                      "train_worker.py")
 
 
-def _free_port():
+def free_port():
   with socket.socket() as s:
     s.bind(("localhost", 0))
     return s.getsockname()[1]
 
 
-def _start(pid, nproc, port, ndev, out):
+def start(out, pid, nproc, port, ndev, *opts):
+  """A tests/train_worker.py process (see its usage) with its own devices."""
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   return subprocess.Popen(
-      [sys.executable, WORKER, str(pid), str(nproc), str(port), str(ndev),
-       out], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+      [sys.executable, WORKER, out, str(pid), str(nproc), str(port),
+       str(ndev), *opts], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
       text=True)
 
 
-def _wait(procs):
+def wait(procs):
   outs = [p.communicate(timeout=600)[0] for p in procs]
   for p, out in zip(procs, outs):
     assert p.returncode == 0, out[-3000:]
@@ -32,12 +33,12 @@ def _wait(procs):
 
 
 def test_two_processes_match_one(tmp_path):
-  port = _free_port()
+  port = free_port()
   multi = str(tmp_path / "multi.npz")
   single = str(tmp_path / "single.npz")
-  outs = _wait([_start(i, 2, port, 2, multi) for i in range(2)])
+  outs = wait([start(multi, i, 2, port, 2) for i in range(2)])
   assert "process 1/2: 4 devices" in outs[1]
-  _wait([_start(0, 1, 0, 4, single)])
+  wait([start(single, 0, 1, 0, 4)])
   a, b = np.load(multi), np.load(single)
   assert sorted(a) == sorted(b)
   for k in a:

@@ -5,6 +5,7 @@ import pytest
 
 from configs.common import training_config
 from fake_data import FakeGroups
+from input_pipeline import DataError
 from nearid_jax import sharding
 from nearid_jax import train
 
@@ -82,15 +83,18 @@ def test_only_the_head_is_optimised():
   assert all(float(np.abs(leaf).max()) == 0 for leaf in jax.tree.leaves(g))
 
 
-def test_resume_gives_the_uninterrupted_result(tmp_path):
+@pytest.mark.parametrize("fault", [KeyboardInterrupt, DataError])
+def test_resume_gives_the_uninterrupted_result(tmp_path, fault):
   config = tiny_config()
   full, _ = train.train_and_evaluate(
       config, str(tmp_path / "full"),
       data_iter=FakeGroups(8, config.model.res))
-  with pytest.raises(KeyboardInterrupt):
+  # A stop (Ctrl-C) or a data fault out of the iterator after step 3's
+  # (async) checkpoint: the save completes, nothing written is lost.
+  with pytest.raises(fault, match="simulated fault before batch 3"):
     train.train_and_evaluate(config, str(tmp_path / "cut"),
                              data_iter=FakeGroups(8, config.model.res,
-                                                  fail_at=3))
+                                                  fail_at=3, fail_with=fault))
   resumed, _ = train.train_and_evaluate(
       config, str(tmp_path / "cut"), data_iter=FakeGroups(8, config.model.res))
   assert int(resumed.step) == 6
@@ -114,3 +118,31 @@ def test_bad_mesh_or_batch_refused_before_compute(mesh, batch, match):
   config.input.batch_size = batch
   with pytest.raises(ValueError, match=match):
     train.check_config(config)
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(res=18), r"model.res=18 is not a multiple of the patch size 8 "
+     r"\(the last 2 pixels"),
+    (dict(variant="B/14", res=380), "model.res=380 is not a multiple"),
+])
+def test_resolution_that_drops_pixels_refused_before_compute(change, match):
+  config = tiny_config()
+  config.model.update(change)
+  with pytest.raises(ValueError, match=match):
+    train.check_config(config)
+
+
+def test_released_resolutions_that_drop_pixels_are_allowed():
+  # So400m/14@384: 27x27 patches, 6 px dropped, as released.
+  config = tiny_config()
+  config.model.variant, config.model.res = "So400m/14", 384
+  train.check_config(config)
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("on_nonfinite", "ignore", "on_nonfinite='ignore': one of"),
+    ("ckpt_every", 0, "ckpt_every=0 must be positive"),
+])
+def test_bad_policy_values_refused(key, value, match):
+  with pytest.raises(ValueError, match=match):
+    train.check_config(tiny_config(**{key: value}))
