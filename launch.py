@@ -2,7 +2,7 @@
 
   python launch.py --config configs/demo.py --workdir runs/demo --mode demo
   python launch.py --config configs/nearid_r7.py:CKPT --workdir W [--mode train]
-      modes: demo, prepare, train, eval, export, sweep
+      modes: demo, prepare, cache, train, eval, export, sweep
   --config.FIELD=VALUE overrides any field; a misspelled one is an error.
 """
 from absl import app
@@ -15,7 +15,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.",
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (the sweep "
                                "root with --mode sweep).")
 _MODE = flags.DEFINE_enum(
-    "mode", "train", ["demo", "prepare", "train", "eval", "export", "sweep"],
+    "mode", "train",
+    ["demo", "prepare", "cache", "train", "eval", "export", "sweep"],
     "What to run.")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Call jax.distributed.initialize() first (multi-"

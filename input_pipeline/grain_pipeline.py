@@ -40,6 +40,9 @@ Config fields (`config.input`, defaults in `default_config()`):
   skip_corrupt  mask and count corrupt images (and drop bad rows at
                 prepare) instead of stopping
   split_seed    the seeded split prepare makes when no split files exist
+  feature_cache a directory nearid_jax.feature_cache.write built ("" =
+                none): train the head on its tokens, same groups in the
+                same order as from the images
 """
 from absl import flags
 import grain
@@ -68,6 +71,7 @@ def default_config():
   c.mtg_repeat = 4
   c.skip_corrupt = False
   c.split_seed = 0
+  c.feature_cache = ""
   return c
 
 
@@ -104,43 +108,63 @@ class _ReadGroup:
     return self.maker.mtg_group(self.mtg[int(position)], epoch, copy)
 
 
-def _read_options(cfg):
+def read_options(cfg):
   return grain.ReadOptions(num_threads=cfg.num_threads,
                            prefetch_buffer_size=cfg.prefetch)
 
 
-def train_dataset(cfg, process_index=None, process_count=None):
-  """The training stream of this process, a grain IterDataset of batches."""
+def in_workers(ds, cfg):
+  """`ds` prefetched by cfg.num_workers grain worker processes (0: as is)."""
+  if cfg.num_workers <= 0:
+    return ds
+  if not flags.FLAGS.is_parsed():
+    # grain reads its absl flags when it starts workers; outside an absl
+    # app (a notebook, pytest) take their defaults.
+    flags.FLAGS.mark_as_parsed()
+  return ds.mp_prefetch(grain.MultiprocessingOptions(
+      num_workers=cfg.num_workers, per_worker_buffer_size=cfg.prefetch))
+
+
+def group_stream(cfg, nearid, mtg, maker, process_index=None,
+                 process_count=None, post=None):
+  """This process's batches of training groups, a grain IterDataset.
+
+  nearid, mtg: random-access row records (mtg None: no MTG entries);
+  maker: a groups.GroupMaker; post: a map applied to each group before
+  batching. The order and draws are those of the module doc, whatever the
+  records are (decoded images here, cached tokens in feature_cache).
+  """
   process_index, process_count = _process(process_index, process_count)
   batch = _local_batch(cfg.batch_size, process_count)
   if not cfg.sources:
     raise ValueError("input.sources is empty: training groups need at least "
                      "one distractor source")
+  entries = [(groups.NEARID, i, 0) for i in range(len(nearid))]
+  if mtg is not None:
+    entries += [(groups.MTG, i, c) for c in range(cfg.mtg_repeat)
+                for i in range(len(mtg))]
+  entries = np.array(entries, np.int64)
+  ds = grain.MapDataset.source(entries).shuffle(seed=cfg.seed).repeat()
+  ds = ds.map_with_index(_with_index)[process_index::process_count]
+  ds = ds.map(_ReadGroup(nearid, mtg, maker, len(entries)))
+  if post is not None:
+    ds = ds.map(post)
+  ds = ds.batch(batch, drop_remainder=True).to_iter_dataset(read_options(cfg))
+  return in_workers(ds, cfg)
+
+
+def train_dataset(cfg, process_index=None, process_count=None):
+  """The training stream of this process, a grain IterDataset of batches."""
   nearid = tfds_builders.data_source(
       tfds_builders.load_nearid(cfg.data_dir, cfg.sources), cfg.split)
-  entries = [(groups.NEARID, i, 0) for i in range(len(nearid))]
   mtg = None
   if cfg.mtg_repeat > 0:
     mtg = tfds_builders.data_source(tfds_builders.load_mtg(cfg.data_dir),
                                     "train")
-    entries += [(groups.MTG, i, c) for c in range(cfg.mtg_repeat)
-                for i in range(len(mtg))]
-  entries = np.array(entries, np.int64)
   maker = groups.GroupMaker(
       cfg.sources, groups.Decoder(cfg.res, cfg.resize, cfg.skip_corrupt),
       cfg.seed, cfg.split)
-  ds = grain.MapDataset.source(entries).shuffle(seed=cfg.seed).repeat()
-  ds = ds.map_with_index(_with_index)[process_index::process_count]
-  ds = ds.map(_ReadGroup(nearid, mtg, maker, len(entries)))
-  ds = ds.batch(batch, drop_remainder=True).to_iter_dataset(_read_options(cfg))
-  if cfg.num_workers > 0:
-    if not flags.FLAGS.is_parsed():
-      # grain reads its absl flags when it starts workers; outside an absl
-      # app (a notebook, pytest) take their defaults.
-      flags.FLAGS.mark_as_parsed()
-    ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=cfg.num_workers, per_worker_buffer_size=cfg.prefetch))
-  return ds
+  return group_stream(cfg, nearid, mtg, maker, process_index, process_count)
 
 
 def train_iterator(cfg, process_index=None, process_count=None):
@@ -203,4 +227,4 @@ def eval_batches(cfg, split, sources=None, batch_size=None, dataset="nearid",
       split)
   ds = grain.MapDataset.source(positions).map(
       _ReadRow(source, maker, dataset == "mtg"))
-  return ds.batch(batch).to_iter_dataset(_read_options(cfg))
+  return ds.batch(batch).to_iter_dataset(read_options(cfg))

@@ -15,6 +15,15 @@ def prepare(config, workdir):
     print(f"prepared {name}: {path}")
 
 
+def cache(config, workdir):
+  """The frozen tower's tokens into config.input.feature_cache, once."""
+  from nearid_jax import feature_cache  # pylint: disable=g-import-not-at-top
+  workdir_lib.resolve_data_dirs(config, workdir)
+  meta = feature_cache.write(config, config.input.feature_cache)
+  print(f"feature cache {config.input.feature_cache}: {meta['images']} "
+        "images")
+
+
 def train(config, workdir):
   workdir_lib.resolve_data_dirs(config, workdir)
   train_lib.train_and_evaluate(config, workdir)
@@ -43,5 +52,6 @@ def sweep(config, config_file, root):
     train_lib.train_and_evaluate(run_config, workdir)
 
 
-MODES = {"demo": demo_lib.run, "prepare": prepare, "train": train,
+MODES = {"demo": demo_lib.run, "prepare": prepare, "cache": cache,
+         "train": train,
          "eval": evaluate, "export": export}

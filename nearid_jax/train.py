@@ -195,7 +195,12 @@ def train_and_evaluate(config, workdir, data_iter=None, evaluate=None):
     evaluate = evaluate_lib.make_evaluator(config, mesh, model.params["head"])
 
   # --- data
-  if data_iter is None:
+  if data_iter is None and config.input.feature_cache:
+    from nearid_jax import feature_cache  # pylint: disable=g-import-not-at-top
+    # `model` still holds the unplaced tower: hashed, not loaded again.
+    data_iter = feature_cache.train_iterator(
+        config, jax.process_index(), jax.process_count(), model=model)
+  elif data_iter is None:
     import input_pipeline  # pylint: disable=g-import-not-at-top
     data_iter = input_pipeline.train_iterator(
         config.input, jax.process_index(), jax.process_count())

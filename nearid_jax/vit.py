@@ -233,4 +233,7 @@ class NearIDHead(nn.Module):
                 name="MAPHead_0")(tokens.astype(jnp.float32))
     if self.out_dim and self.out_dim != self.arch.width:
       x = nn.Dense(self.out_dim, name="proj")(x)
-    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+    # = x / max(|x|, 1e-12), with a finite gradient at x = 0 (the norm's is
+    # NaN there, and a masked slot does not stop it).
+    return x * jax.lax.rsqrt(
+        jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-24))

@@ -15,7 +15,10 @@ SHORT = ["--config.total_steps=4", "--config.eval_every=2",
          "--config.log_every=2", "--config.ckpt_every=2",
          "--config.input.batch_size=8", "--config.eval.batch_size=8",
          "--config.demo.identities=24", "--config.demo.mtg_rows=10",
-         "--config.demo.image_res=32", "--config.model.res=32"]
+         "--config.demo.image_res=32", "--config.model.res=32",
+         "--config.demo.pretrain.total_steps=3",
+         "--config.demo.pretrain.groups=4",
+         "--config.demo.pretrain.batch_size=2"]
 
 
 def launch(workdir, *args, config="configs/demo.py", timeout=900):
@@ -45,6 +48,11 @@ def test_demo_writes_everything(demo_run):
             "export/hf-siglip/config.json"):
     assert (workdir / f).exists(), f
   summary = json.load(open(workdir / "demo.json"))
+  # The frozen tower is the one the demo pretrained, in the run's config.
+  tower = str(workdir / "pretrained" / "pico8_32.npz")
+  assert summary["tower"] == tower
+  assert json.load(open(workdir / "config.json"))["model"]["init"] == tower
+  assert "pretrain step 3/3" in out.stdout
   for fmt in ("nearid", "hf-siglip"):
     assert summary["exports"][fmt]["transformers_max_abs_diff"] < 1e-4
   assert "NearID SSR on held-out identities" in out.stdout
@@ -86,6 +94,26 @@ def test_sigterm_to_launch_saves_and_exits_0(demo_run, tmp_path):
   step = int(re.search(r"preempted: checkpoint saved at step (\d+)",
                        out).group(1))
   assert os.listdir(tmp_path / "run" / "checkpoints") == [str(step)]
+
+
+def test_cache_mode_then_training_on_the_cache(demo_run, tmp_path):
+  workdir, _ = demo_run
+  flags = [*SHORT, f"--config.input.data_dir={workdir}/data/tfds",
+           f"--config.input.manual_dir={workdir}/data/hf",
+           f"--config.input.feature_cache={tmp_path / 'cache'}",
+           "--config.eval_every=0"]
+  out = launch(tmp_path / "run", "--mode=cache", *flags)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert re.search(r"feature cache .*cache: \d+ images", out.stdout)
+  out = launch(tmp_path / "run", "--mode=train", *flags)
+  assert out.returncode == 0, out.stderr[-3000:]
+  rows = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
+  assert [r["step"] for r in rows] == [2, 4]
+  # another resolution: the cache is refused, naming it
+  out = launch(tmp_path / "run2", "--mode=train", *flags,
+               "--config.model.res=48")
+  assert out.returncode != 0
+  assert "res: the cache has 32, this config 48" in out.stderr
 
 
 def test_sweep_runs_each_override_in_its_own_workdir(demo_run, tmp_path):

@@ -1,0 +1,524 @@
+"""Feature cache: the frozen tower's tokens, computed once, for many epochs.
+
+The tower never changes during a run, so the tokens of every image the
+training stream can use are computed once and the MAP head is trained on
+them for as many epochs as the run has:
+
+    feature_cache.write(config, "/data/cache/r7")       # once, sharded
+    it = feature_cache.train_iterator(config, jax.process_index(),
+                                      jax.process_count(),
+                                      cache_dir="/data/cache/r7")
+    batch = next(it)
+    # tokens bfloat16 (b, 6, N, D): slots 0..2 views, 3..5 distractors;
+    # view_mask, distractor_mask, index, is_mtg, n_skipped as the image
+    # pipeline gives them (input_pipeline/grain_pipeline.py).
+
+`train.make_train_step` takes such a batch as it is (`train.group_tokens`).
+The groups are made by the image pipeline's own groups.GroupMaker with its
+decoder replaced by a token lookup, on the same per-epoch shuffle, so a
+cached run sees the same groups in the same order as an uncached one with
+the same config; the iterator is a grain DatasetIterator (get_state /
+set_state), saved with the train state like the image iterator.
+
+A cache directory (visible to every process: the reader's global shuffle
+may ask any process for any row):
+  metadata.json      the fingerprint (tower variant, res, dtype, resize, a
+                     sha256 of the tower params; split, sources, MTG), row
+                     counts and each row's `index`, token shape, shard files.
+                     Written last: without it the directory is no cache.
+  tokens-PPPPP-of-QQQQQ.array_record   process P's share of the records.
+Records, read as one sequence over the shards in process order:
+  NearID position i, slot j: record i * 3 * (1 + S) + j, slots views 0..2
+    then each cached source's distractors 0..2 (S sources);
+  MTG train position i, after all NearID rows, 4 slots: views 0, 1, edits
+    0, 1;
+  the last record: the tokens of an all-black image.
+A record is the tokens (N, D) as raw bfloat16, row-major; b"" marks a slot
+with no image, b"corrupt" one that did not decode (with input.skip_corrupt).
+One record per image, not per row: a group reads 6 of a row's up to 3 + 3S
+images (a source drawn per slot), so with the paper's 7 sources a per-row
+record would read 4x the bytes a group needs. Slots without an image get the
+black image's tokens, as the image pipeline's zero-filled images give them:
+the loss masks them, but a cached batch is then the uncached one to bf16
+rounding, and finite (all-zero tokens can make a zero embedding, whose
+normalisation has a NaN gradient that masking does not stop).
+"""
+import glob
+import hashlib
+import json
+import os
+
+from array_record.python import array_record_module
+import grain
+import jax
+from jax.experimental import multihost_utils
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+import ml_dtypes
+import numpy as np
+
+from input_pipeline import grain_pipeline
+from input_pipeline import groups
+from input_pipeline import tfds_builders
+from nearid_jax import preprocess
+from nearid_jax import sharding
+from nearid_jax import vit
+from nearid_jax.model import frozen_tokens
+from nearid_jax.model import HEAD_KEYS
+
+METADATA = "metadata.json"
+EMPTY, CORRUPT = b"", b"corrupt"
+DTYPE = ml_dtypes.bfloat16
+MTG_SLOTS = 4  # views 0, 1, edits 0, 1
+# Random access to single records; bf16 tokens barely compress.
+_WRITER_OPTIONS = "group_size:1,uncompressed"
+
+
+class CacheMismatch(ValueError):
+  """A cache built for another tower, resolution, split or sources."""
+
+
+def _shard_name(p, count):
+  return f"tokens-{p:05d}-of-{count:05d}.array_record"
+
+
+def _rows_name(p, count):  # a process's row indices until the cache is sealed
+  return f"rows-{p:05d}-of-{count:05d}.json"
+
+
+def _write_json(path, obj):
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f)
+  os.replace(tmp, path)  # atomic: readers see all of it or nothing
+
+
+def _variant(arch):
+  """The tower's variant name ("So400m/14"), from its shape."""
+  shape = (arch.width, arch.depth, arch.mlp_dim, arch.num_heads)
+  name = next((n for n, v in vit.VARIANTS.items() if v == shape),
+              "x".join(map(str, shape)))
+  return f"{name}/{arch.patch_size}"
+
+
+def tower_sha256(model):
+  """sha256 of the tower's weights, canonical layout (scan or not alike)."""
+  h = hashlib.sha256()
+  for key, v in sorted(model.flat_params().items()):
+    if key.startswith(HEAD_KEYS):
+      continue  # the head does not change the tokens
+    h.update(f"{key}:{v.shape}".encode())
+    h.update(np.ascontiguousarray(v).tobytes())
+  return h.hexdigest()
+
+
+def fingerprint(config, model):
+  """What decides the tokens: tower, weights, pixels; and the data cached."""
+  return {"variant": _variant(model.arch), "res": model.arch.image_size,
+          "dtype": config.model.dtype, "resize": config.input.resize,
+          "tower_sha256": tower_sha256(model), "split": config.input.split,
+          "sources": list(config.input.sources),
+          "mtg": config.input.mtg_repeat > 0}
+
+
+def _mismatches(cached, wanted):
+  """Why a cache (its metadata) cannot serve a run (fingerprint) -> [str]."""
+  bad = [f"{key}: the cache has {cached[key]!r}, this config {wanted[key]!r}"
+         f" ({where})" for key, where in (
+             ("variant", "model.variant / model.init"),
+             ("res", "model.res"), ("dtype", "model.dtype"),
+             ("resize", "input.resize"), ("split", "input.split"))
+         if cached[key] != wanted[key]]
+  if cached["tower_sha256"] != wanted["tower_sha256"]:
+    bad.append(f"tower weights: sha256 {cached['tower_sha256'][:12]}... in "
+               f"the cache, {wanted['tower_sha256'][:12]}... here "
+               "(model.init / seed)")
+  missing = [s for s in wanted["sources"] if s not in cached["sources"]]
+  if missing:
+    bad.append(f"sources: no tokens for {missing}, the cache holds "
+               f"{cached['sources']} (input.sources)")
+  if wanted["mtg"] and not cached["mtg"]:
+    bad.append("MTG: input.mtg_repeat > 0 but the cache holds no MTG rows")
+  return bad
+
+
+def _load_model(config, model):
+  if model is not None:
+    return model
+  from nearid_jax import train  # pylint: disable=g-import-not-at-top
+  return train.load_model(config)
+
+
+def _barrier(name):
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"feature_cache:{name}")
+
+
+# --- writing
+
+
+class _DecodeRow:
+  """(dataset, position) -> (row index, [uint8 image | EMPTY | CORRUPT]).
+
+  The slots in record order; picklable for grain workers.
+  """
+
+  def __init__(self, nearid, mtg, sources, decoder, split):
+    self.nearid, self.mtg, self.sources = nearid, mtg, sources
+    self.decoder, self.split = decoder, split
+
+  def _where(self, dataset, row, field):  # as groups.GroupMaker words it
+    return f"{dataset} split {self.split!r} row {row} field {field!r}"
+
+  def __call__(self, item):
+    dataset, position = item
+    if dataset == groups.NEARID:
+      record = self.nearid[int(position)]
+      row = int(record["index"])
+      slots = [(b, "NearID", f"images{k + 1}")
+               for k, b in enumerate(record["views"])]
+      slots += [(b, f"NearID-{s}", f"nimg{k + 1}") for s in self.sources
+                for k, b in enumerate(record["distractors"][s])]
+    else:
+      record = self.mtg[int(position)]
+      row = int(record["index"])
+      slots = [(b, "MTG", f"image_{k + 1}_original")
+               for k, b in enumerate(record["views"])]
+      slots += [(b, "MTG", f"image_{k + 1}_inpainted")
+                for k, b in enumerate(record["edits"])]
+    out = []
+    for data, dset, field in slots:
+      skipped = []
+      image = self.decoder(data, self._where(dset, row, field), skipped)
+      out.append(image if image is not None else
+                 CORRUPT if skipped else EMPTY)
+    return row, out
+
+
+def _sources(cfg):
+  nearid = tfds_builders.load_nearid(cfg.data_dir, cfg.sources)
+  if cfg.split not in nearid.info.splits:
+    raise ValueError(f"input.split={cfg.split!r}: NearID has splits "
+                     f"{list(nearid.info.splits)}")
+  nearid = tfds_builders.data_source(nearid, cfg.split)
+  mtg = None
+  if cfg.mtg_repeat > 0:
+    mtg = tfds_builders.data_source(tfds_builders.load_mtg(cfg.data_dir),
+                                    "train")
+  return nearid, mtg
+
+
+def _share(n, p, count):
+  """Process p's contiguous share [lo, hi) of n items."""
+  return n * p // count, n * (p + 1) // count
+
+
+def _clear(out_dir):
+  for pattern in (METADATA, "tokens-*.array_record", "rows-*.json"):
+    for f in glob.glob(os.path.join(out_dir, pattern)):
+      os.remove(f)
+
+
+def write(config, out_dir, *, model=None, mesh=None, batch_size=None,
+          overwrite=False):
+  """Writes the tokens of every image the training stream can use.
+
+  That is each `input.split` NearID row's views and its distractors from
+  every `input.sources` source, and each MTG train row's views and edits
+  when input.mtg_repeat > 0 (once, whatever the repeat). Every process calls
+  this (multi-host): process p decodes and writes its contiguous share of
+  the rows; each forward is one jit over the mesh, images split over
+  "data", the tower placed as training places it.
+
+  Args:
+    config: a training config (model.*, input.*, mesh).
+    out_dir: the cache directory, visible to every process.
+    model: the NearID to take the tower from; default train.load_model.
+    mesh: default sharding.make_mesh(config.mesh).
+    batch_size: images per forward (global); default input.batch_size * 6,
+      what one training step runs through the tower.
+    overwrite: replace a cache of another fingerprint at out_dir. A cache
+      that already matches the config is kept as it is.
+  Returns:
+    The cache's metadata (a dict, as metadata.json).
+  """
+  cfg = config.input
+  model = _load_model(config, model)
+  mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
+  p, count = jax.process_index(), jax.process_count()
+  batch_size = batch_size or cfg.batch_size * 6
+  n_data = mesh.shape[sharding.DATA]
+  if batch_size % n_data or batch_size % count:
+    raise ValueError(f"feature cache batch_size={batch_size} is not divisible"
+                     f" by the {n_data}-way {sharding.DATA!r} mesh axis and "
+                     f"the {count} processes")
+  local = batch_size // count
+
+  wanted = fingerprint(config, model)
+  meta_path = os.path.join(out_dir, METADATA)
+  if os.path.exists(meta_path):
+    meta = read_metadata(out_dir)
+    bad = _mismatches(meta, wanted)
+    if not bad:
+      return meta
+    if not overwrite:
+      raise CacheMismatch(f"{out_dir} holds a feature cache for another run ("
+                          + "; ".join(bad) + "); pass overwrite=True to "
+                          "replace it")
+  _barrier("checked")  # every process decided before anything is removed
+  if p == 0:
+    os.makedirs(out_dir, exist_ok=True)
+    _clear(out_dir)
+  _barrier("cleared")
+
+  # --- this process's rows, decoded by grain threads (or workers)
+  nearid, mtg = _sources(cfg)
+  items = [(groups.NEARID, i) for i in range(len(nearid))]
+  items += [(groups.MTG, i) for i in range(len(mtg) if mtg else 0)]
+  lo, hi = _share(len(items), p, count)
+  mine = np.array(items[lo:hi], np.int64).reshape(-1, 2)
+  decode = _DecodeRow(nearid, mtg, tuple(cfg.sources), groups.Decoder(
+      cfg.res, cfg.resize, cfg.skip_corrupt), cfg.split)
+  rows = grain.MapDataset.source(mine).map(decode).to_iter_dataset(
+      grain_pipeline.read_options(cfg))
+  rows = grain_pipeline.in_workers(rows, cfg)
+  row_index = {groups.NEARID: [], groups.MTG: []}
+
+  def slots():
+    for (dataset, _), (row, out) in zip(mine, rows):
+      row_index[int(dataset)].append(row)
+      yield from out
+
+  # --- the forward: one jit over the mesh, the tower placed as in training.
+  # `more` tells every process whether any still has images, so that all
+  # make the same number of calls (each is a collective).
+  batch_spec = sharding.batch_sharding(mesh)
+  tower_spec = sharding.weight_shardings(mesh, model.params["img"])
+  frozen = jax.device_put(model.params["img"], tower_spec)
+
+  def forward(frozen, images, more):
+    tokens = frozen_tokens(model.tower, frozen, preprocess.scale(images))
+    return tokens.astype(jnp.bfloat16), jnp.any(more)
+
+  forward = jax.jit(forward, in_shardings=(tower_spec, batch_spec, batch_spec),
+                    out_shardings=(batch_spec, sharding.replicated(mesh)))
+  spec = P(sharding.DATA)
+  to_global = lambda x: multihost_utils.host_local_array_to_global_array(
+      x, mesh, spec)
+
+  writer = array_record_module.ArrayRecordWriter(
+      os.path.join(out_dir, _shard_name(p, count)), _WRITER_OPTIONS)
+  counts = {"images": 0, "empty": 0, "corrupt": 0}
+  stream, exhausted, more, blank = slots(), False, True, None
+  while more:
+    pending, images = [], []  # records in order; ints index into images
+    while not exhausted and len(images) < local:
+      slot = next(stream, None)
+      if slot is None:
+        exhausted = True
+      elif isinstance(slot, bytes):
+        pending.append(slot)
+        counts["empty" if slot == EMPTY else "corrupt"] += 1
+      else:
+        pending.append(len(images))
+        images.append(slot)
+    x = np.zeros((local, cfg.res, cfg.res, 3), np.uint8)
+    if images:
+      x[:len(images)] = np.stack(images)
+    tokens, more = forward(frozen, to_global(x),
+                           to_global(np.full(local, not exhausted)))
+    tokens = np.asarray(multihost_utils.global_array_to_host_local_array(
+        tokens, mesh, spec))
+    for r in pending:
+      writer.write(r if isinstance(r, bytes) else tokens[r].tobytes())
+    if blank is None and len(images) < local:  # every process meets one
+      blank = tokens[len(images)].tobytes()
+    counts["images"] += len(images)
+    more = bool(more)
+  if p == count - 1:
+    writer.write(blank)  # the last record, after every process's share
+  writer.close()
+  _write_json(os.path.join(out_dir, _rows_name(p, count)),
+              {"nearid": row_index[groups.NEARID],
+               "mtg": row_index[groups.MTG], **counts})
+
+  # --- process 0 seals the cache once every share is on disk
+  _barrier("written")
+  if p == 0:
+    meta = {**wanted, "token_shape": [model.arch.num_patches,
+                                      model.arch.width],
+            "shards": [_shard_name(q, count) for q in range(count)],
+            "nearid_rows": [], "mtg_rows": [], **dict.fromkeys(counts, 0),
+            "data_dir": cfg.data_dir}
+    for q in range(count):
+      part_path = os.path.join(out_dir, _rows_name(q, count))
+      with open(part_path) as f:
+        part = json.load(f)
+      meta["nearid_rows"] += part["nearid"]
+      meta["mtg_rows"] += part["mtg"]
+      for k in counts:
+        meta[k] += part[k]
+      os.remove(part_path)
+    _write_json(meta_path, meta)  # last, atomic: the cache appears whole
+  _barrier("sealed")
+  return read_metadata(out_dir)
+
+
+# --- reading
+
+
+def read_metadata(path):
+  meta_path = os.path.join(path, METADATA)
+  if not os.path.exists(meta_path):
+    raise FileNotFoundError(
+        f"{path} is not a feature cache (no {METADATA}; an interrupted write "
+        "leaves none): build it with feature_cache.write(config, out_dir)")
+  with open(meta_path) as f:
+    return json.load(f)
+
+
+class Cache:
+  """An opened cache directory: its metadata, row records and token lookup."""
+
+  def __init__(self, path):
+    self.path = os.fspath(path)
+    self.meta = read_metadata(self.path)
+    shards = [os.path.join(self.path, s) for s in self.meta["shards"]]
+    missing = [s for s in shards if not os.path.exists(s)]
+    if missing:
+      raise FileNotFoundError(f"feature cache {self.path}: shard(s) {missing}"
+                              " listed in its metadata are missing")
+    self.shards = shards
+    self.num_nearid = len(self.meta["nearid_rows"])
+    self.num_mtg = len(self.meta["mtg_rows"])
+    self.nearid_slots = groups.VIEWS * (1 + len(self.meta["sources"]))
+    # Image slots; record num_records holds the black image's tokens.
+    self.num_records = (self.num_nearid * self.nearid_slots
+                        + self.num_mtg * MTG_SLOTS)
+
+  def check(self, config, model=None):
+    """Refuses (CacheMismatch) a config whose tokens or data would differ."""
+    bad = _mismatches(self.meta, fingerprint(config,
+                                             _load_model(config, model)))
+    if bad:
+      raise CacheMismatch(f"feature cache {self.path} does not match this "
+                          "config: " + "; ".join(bad) + ". Build one for it "
+                          "with feature_cache.write(config, out_dir).")
+
+  def nearid_record(self, position):
+    """A NearID row as the prepared record, record ids in place of images."""
+    base = position * self.nearid_slots
+    ids = lambda j: [base + j + k for k in range(groups.VIEWS)]
+    return {"index": self.meta["nearid_rows"][position], "views": ids(0),
+            "distractors": {s: ids(groups.VIEWS * (1 + i)) for i, s in
+                            enumerate(self.meta["sources"])}}
+
+  def mtg_record(self, position):
+    base = self.num_nearid * self.nearid_slots + position * MTG_SLOTS
+    return {"index": self.meta["mtg_rows"][position],
+            "views": [base, base + 1], "edits": [base + 2, base + 3]}
+
+
+class _Rows:
+  """position -> a dataset's row record (for grain_pipeline._ReadGroup)."""
+
+  def __init__(self, cache, dataset):
+    self.cache, self.dataset = cache, dataset
+
+  def __len__(self):
+    return (self.cache.num_nearid if self.dataset == groups.NEARID
+            else self.cache.num_mtg)
+
+  def __getitem__(self, position):
+    if self.dataset == groups.NEARID:
+      return self.cache.nearid_record(position)
+    return self.cache.mtg_record(position)
+
+
+class TokenLookup:
+  """groups.Decoder's stand-in: a record id -> tokens (N, D) bfloat16.
+
+  Same contract: None for a slot without image, and for one that did not
+  decode when skip_corrupt (counted in `skipped`), else CorruptImage.
+  """
+
+  def __init__(self, cache, skip_corrupt=False):
+    self.path, self.skip_corrupt = cache.path, skip_corrupt
+    self.shape = tuple(cache.meta["token_shape"])
+    self.records = grain.sources.ArrayRecordDataSource(cache.shards)
+    if len(self.records) != cache.num_records + 1:
+      raise ValueError(f"feature cache {self.path} holds "
+                       f"{len(self.records)} records, its metadata says "
+                       f"{cache.num_records + 1}: rebuild it")
+    self.blank = self._tokens(self.records[cache.num_records])
+
+  def _tokens(self, data):
+    return np.frombuffer(data, DTYPE).reshape(self.shape)
+
+  def __call__(self, ref, where, skipped):
+    if isinstance(ref, bytes):
+      return None  # GroupMaker's filler for MTG's missing third view
+    data = self.records[int(ref)]
+    if data == EMPTY:
+      return None
+    if data == CORRUPT:
+      if not self.skip_corrupt:
+        raise groups.CorruptImage(f"{where}: corrupt image (feature cache "
+                                  f"{self.path})")
+      skipped.append(where)
+      return None
+    return self._tokens(data)
+
+  def stack(self, tokens):
+    """3 token arrays or None -> bfloat16 (3, N, D), bool (3,).
+
+    A slot without tokens gets the black image's, as the image pipeline's
+    zero-filled slot gives them.
+    """
+    out = np.stack([self.blank if t is None else t for t in tokens])
+    return out, np.array([t is not None for t in tokens])
+
+
+def _as_tokens(group):
+  """A group of token "images" -> the batch entry train.group_tokens reads."""
+  group = dict(group)
+  group["tokens"] = np.concatenate([group.pop("views"),
+                                    group.pop("distractors")])
+  return group
+
+
+def _cache_dir(config, cache_dir):
+  cache_dir = cache_dir or config.input.get("feature_cache", "")
+  if not cache_dir:
+    raise ValueError("no feature cache: set config.input.feature_cache (a "
+                     "directory feature_cache.write built)")
+  return cache_dir
+
+
+def train_dataset(config, process_index=None, process_count=None, *,
+                  cache_dir=None, model=None):
+  """This process's training groups from the cache, a grain IterDataset.
+
+  The image pipeline's stream (grain_pipeline.train_dataset) with tokens
+  looked up instead of images decoded: the same entries, per-epoch shuffle,
+  process slicing and GroupMaker draws, hence the same groups in the same
+  order. cache_dir: default config.input.feature_cache. model: the NearID
+  the run trains (its tower is checked against the cache's sha256); default
+  train.load_model(config).
+  """
+  cfg = config.input
+  cache = Cache(_cache_dir(config, cache_dir))
+  cache.check(config, model)
+  maker = groups.GroupMaker(cfg.sources, TokenLookup(cache, cfg.skip_corrupt),
+                            cfg.seed, cfg.split)
+  mtg = _Rows(cache, groups.MTG) if cfg.mtg_repeat > 0 else None
+  return grain_pipeline.group_stream(cfg, _Rows(cache, groups.NEARID), mtg,
+                                     maker, process_index, process_count,
+                                     post=_as_tokens)
+
+
+def train_iterator(config, process_index=None, process_count=None, *,
+                   cache_dir=None, model=None):
+  """A checkpointable iterator of this process's cached training batches."""
+  return iter(train_dataset(config, process_index, process_count,
+                            cache_dir=cache_dir, model=model))

@@ -1,0 +1,384 @@
+"""Feature cache: tokens as the tower's, groups as the image pipeline's.
+
+Run as a script, this file is one process of a multi-process write.
+"""
+import io
+import os
+import socket
+import subprocess
+import sys
+
+import grain
+import jax
+import numpy as np
+from PIL import Image
+import pytest
+
+from configs.common import training_config
+import input_pipeline
+from input_pipeline import hf_format
+from input_pipeline import splits as splits_lib
+from input_pipeline import synthetic
+from nearid_jax import feature_cache
+from nearid_jax import preprocess
+from nearid_jax import sharding
+from nearid_jax import train
+from nearid_jax.model import frozen_tokens
+from nearid_jax.model import NearID
+
+SOURCES = ("Flux", "Qwen")
+N = 12
+TRAIN = splits_lib.seeded(N, 0)["train"]
+# bfloat16 keeps 8 significant bits: rounding moves a value by at most
+# 2^-9 of it; 2^-8 leaves room for the float32 noise of another batch shape.
+BF16_RTOL = 2.0 ** -8
+
+
+def _config(data_dir, manual_dir, **kw):
+  c = training_config()
+  c.model.variant, c.model.res, c.model.scan = "pico/8", 16, False
+  c.total_steps, c.warmup_steps, c.lr = 3, 1, 1e-2
+  c.input.update(data_dir=str(data_dir), manual_dir=str(manual_dir),
+                 sources=SOURCES, eval_sources=SOURCES, batch_size=8,
+                 mtg_repeat=1, num_threads=1, num_workers=0,
+                 skip_corrupt=True)
+  c.update_from_flattened_dict(kw)
+  return c
+
+
+def _truncated(png):
+  return png[:len(png) // 2]  # the header parses; decoding fails
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+  """A NearID-format dataset with one corrupt distractor and one corrupt view,
+  prepared, and its feature cache."""
+  manual = tmp_path_factory.mktemp("hf")
+  pos, neg = synthetic.nearid_rows(N, 32, 0, SOURCES)
+  neg["Qwen"]["nimg2"][1][TRAIN[0]] = _truncated(
+      neg["Qwen"]["nimg2"][1][TRAIN[0]])
+  pos["images1"][1][TRAIN[1]] = _truncated(pos["images1"][1][TRAIN[1]])
+  synthetic.write_nearid(str(manual), pos, neg, splits_lib.seeded(N, 0))
+  synthetic.write_mtg(str(manual), synthetic.mtg_rows(6, 32, 1))
+  config = _config(tmp_path_factory.mktemp("tfds"), manual)
+  input_pipeline.prepare(config.input)
+  cache = str(tmp_path_factory.mktemp("cache"))
+  model = train.load_model(config)
+  meta = feature_cache.write(config, cache, model=model)
+  return config, manual, cache, model, meta
+
+
+def _decode(data):
+  return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def _tower(model):
+  fn = jax.jit(lambda p, x: frozen_tokens(model.tower, p,
+                                          preprocess.scale(x)))
+  return lambda x: np.asarray(fn(model.params["img"], x))
+
+
+def _assert_bf16_close(cached, want):
+  cached = np.asarray(cached, np.float32)
+  err = np.abs(cached - want)
+  assert np.all(err <= BF16_RTOL * np.abs(want) + 1e-6), err.max()
+  # and most values are exactly the float32 tokens rounded to bfloat16
+  exact = cached == want.astype(feature_cache.DTYPE).astype(np.float32)
+  assert exact.mean() > 0.99
+
+
+def test_cached_tokens_are_the_towers(data):
+  config, manual, cache_dir, model, meta = data
+  cache = feature_cache.Cache(cache_dir)
+  lookup = feature_cache.TokenLookup(cache, skip_corrupt=True)
+  tower = _tower(model)
+  pos = hf_format.Table(str(manual / "NearID"))
+  neg = {s: hf_format.Table(str(manual / f"NearID-{s}")) for s in SOURCES}
+  assert meta["token_shape"] == [4, 64]  # (16 / 8)^2 patches, pico width
+  assert cache.num_nearid == len(TRAIN) and cache.num_mtg == 5
+  # Every image of every train row, straight from the HF files.
+  refs, images, skipped = [], [], []
+  for position in range(cache.num_nearid):
+    record = cache.nearid_record(position)
+    r = record["index"]
+    assert r == TRAIN[position]
+    row = pos.row(r)
+    for k in range(3):
+      slots = [(record["views"][k], row[f"images{k + 1}"])]
+      slots += [(record["distractors"][s][k], neg[s].row(r)[f"nimg{k + 1}"])
+                for s in SOURCES]
+      for ref, cell in slots:
+        got = lookup(ref, "here", skipped)
+        if cell is None:  # k >= n_images
+          assert got is None
+          continue
+        try:
+          image = preprocess.resize_uint8(_decode(cell["bytes"]), 16)
+        except OSError:  # the two truncated images
+          assert got is None
+          continue
+        refs.append(got)
+        images.append(image)
+  mtg = hf_format.Table(str(manual / "mtg-dataset"), "train")
+  for position in range(cache.num_mtg):
+    record = cache.mtg_record(position)
+    row = mtg.row(record["index"])
+    for k in range(2):
+      for ref, field in ((record["views"][k], f"image_{k + 1}_original"),
+                         (record["edits"][k], f"image_{k + 1}_inpainted")):
+        refs.append(lookup(ref, "here", skipped))
+        images.append(preprocess.resize_uint8(_decode(row[field]["bytes"]),
+                                              16))
+  assert len(skipped) == 2 and meta["corrupt"] == 2
+  assert meta["images"] == len(refs)
+  # and the slots without an image get a black image's tokens
+  refs.append(lookup.blank)
+  images.append(np.zeros((16, 16, 3), np.uint8))
+  want = tower(np.stack(images))
+  got = np.stack(refs)
+  assert got.dtype == feature_cache.DTYPE
+  _assert_bf16_close(got, want)
+  # Different images give tokens far apart: the comparisons above (and the
+  # group comparisons below) tell one image, or source, from another.
+  gaps = np.abs(want[1:] - want[:-1]).max(axis=(1, 2))
+  assert gaps.min() > 10 * BF16_RTOL * np.abs(want).max()
+
+
+def _take(it, n):
+  return [next(it) for _ in range(n)]
+
+
+@pytest.mark.parametrize("process_index,process_count", [(0, 1), (1, 2)])
+def test_cached_groups_are_the_image_pipelines(data, process_index,
+                                               process_count):
+  config, _, cache_dir, model, _ = data
+  tower = _tower(model)
+  n = 4  # batches of 8 global groups: over two epochs of 9 NearID + 5 MTG
+  want = _take(input_pipeline.train_iterator(config.input, process_index,
+                                             process_count), n)
+  got = _take(feature_cache.train_iterator(
+      config, process_index, process_count, cache_dir=cache_dir,
+      model=model), n)
+  for w, g in zip(want, got):
+    assert set(g) == set(w) - {"views", "distractors"} | {"tokens"}
+    for k in ("index", "is_mtg", "view_mask", "distractor_mask",
+              "n_skipped"):
+      np.testing.assert_array_equal(g[k], w[k], err_msg=k)
+    b = len(w["index"])
+    assert g["tokens"].shape == (b, 6, 4, 64)
+    assert g["tokens"].dtype == feature_cache.DTYPE
+    # Slot by slot, the tokens of the very image the pipeline put there:
+    # the same permutation, the same source drawn.
+    images = np.concatenate([w["views"], w["distractors"]], axis=1)
+    ref = tower(images.reshape((-1, 16, 16, 3))).reshape(b, 6, 4, 64)
+    # Masked slots too: the black image's tokens, as the zero-filled images.
+    _assert_bf16_close(g["tokens"], ref)
+  groups = np.concatenate([b["index"] for b in got])
+  assert len(groups) == n * 8 // process_count
+  assert any(b["is_mtg"].any() for b in got)
+  if process_count == 1:  # both corrupt images were met and counted
+    assert sum(int(b["n_skipped"].sum()) for b in got) >= 2
+
+
+def test_head_steps_on_cache_match_steps_on_images(data):
+  config, _, cache_dir, model, _ = data
+  # train.setup's pieces on the fixture's model (no second tower init): one
+  # jitted step, traced once per batch kind.
+  mesh = sharding.make_mesh(config.mesh)
+  frozen = jax.device_put(model.params["img"], sharding.weight_shardings(
+      mesh, model.params["img"]))
+  state, tx = train.create_train_state(config, model.params["head"])
+  step = train.jit_train_step(train.make_train_step(model, tx, config), mesh,
+                              frozen, state)
+
+  def run(batches):
+    state, _ = train.create_train_state(config, model.params["head"])
+    state = jax.device_put(state, sharding.replicated(mesh))
+    losses = []
+    for batch in batches:
+      state, metrics = step(frozen, state, sharding.global_batch(batch, mesh))
+      losses.append(float(metrics["train/loss"]))
+    return jax.device_get(state.params), losses
+
+  want, want_losses = run(_take(
+      input_pipeline.train_iterator(config.input, 0, 1), 3))
+  got, got_losses = run(_take(feature_cache.train_iterator(
+      config, 0, 1, cache_dir=cache_dir, model=model), 3))
+  # bf16 tokens are off by <= 2^-9 relative; the loss follows to ~1e-4.
+  np.testing.assert_allclose(got_losses, want_losses, rtol=1e-3)
+  # The gradients inherit that ~0.2% error. Adam divides it out of most
+  # weights (their steps agree to it), but a weight whose gradient is within
+  # that noise of zero may step differently, by up to ~lr. So: each leaf's
+  # update (3 steps of ~lr, lr = 1e-2) agrees to 2% in L2 norm (we see
+  # <= 0.8%), and every weight to lr / 2. The attention key bias is left
+  # out: its gradient is exactly zero in theory, so Adam turns float32 noise
+  # into lr-sized steps whatever the tokens (as in test_train).
+  flat = lambda t: jax.tree_util.tree_flatten_with_path(t)[0]
+  for (path, a), (_, b), (_, c) in zip(flat(got), flat(want),
+                                       flat(model.params["head"])):
+    name = "/".join(p.key for p in path)
+    if name.endswith("MultiHeadDotProductAttention_0/key/bias"):
+      continue
+    update = b - np.asarray(c)
+    assert np.linalg.norm(a - b) <= 0.02 * np.linalg.norm(update), name
+    np.testing.assert_allclose(a, b, atol=config.lr / 2, rtol=0,
+                               err_msg=name)
+    assert np.abs(update).max() > config.lr, name  # the head did move
+
+
+def _refused(config, cache_dir, model, kw, messages):
+  other = _config(config.input.data_dir, config.input.manual_dir, **kw)
+  with pytest.raises(feature_cache.CacheMismatch) as e:
+    feature_cache.train_iterator(other, 0, 1, cache_dir=cache_dir,
+                                 model=model)
+  assert str(e.value).startswith(f"feature cache {cache_dir} does not "
+                                 "match this config: ")
+  for m in messages:
+    assert m in str(e.value)
+  assert str(e.value).count(";") == len(messages) - 1  # nothing else
+
+
+def test_cache_of_another_tower_is_refused(data):
+  config, _, cache_dir, model, _ = data
+  # One other tower (its own load): another shape, res and weights.
+  _refused(config, cache_dir, None,
+           {"model.variant": "mu/8", "model.res": 32, "seed": 1},
+           ["variant: the cache has 'pico/8', this config 'mu/8' "
+            "(model.variant / model.init)",
+            "res: the cache has 16, this config 32 (model.res)",
+            "tower weights: sha256 "])
+  # Same shape, one weight changed.
+  params = jax.tree.map(np.array, model.params)
+  params["img"]["Transformer"]["encoder_norm"]["bias"][0] += 1e-3
+  _refused(config, cache_dir, NearID(model.arch, params, scan=False), {},
+           ["tower weights: sha256 "])
+
+
+def test_cache_of_other_pixels_or_data_is_refused(data):
+  config, _, cache_dir, model, _ = data
+  _refused(config, cache_dir, model,
+           {"model.dtype": "bfloat16", "model.resize": "tf",
+            "input.split": "val", "input.sources": ("Flux", "SDXL")},
+           ["dtype: the cache has 'float32', this config 'bfloat16'",
+            "resize: the cache has 'pil', this config 'tf' (input.resize)",
+            "split: the cache has 'train', this config 'val' (input.split)",
+            "sources: no tokens for ['SDXL'], the cache holds ['Flux', "
+            "'Qwen'] (input.sources)"])
+  # Fewer sources than cached, or no MTG, are served.
+  fewer = _config(config.input.data_dir, config.input.manual_dir,
+                  **{"input.sources": ("Qwen",), "input.mtg_repeat": 0})
+  batch = next(feature_cache.train_iterator(fewer, 0, 1, cache_dir=cache_dir,
+                                            model=model))
+  assert not batch["is_mtg"].any()
+
+
+def test_write_keeps_a_matching_cache_and_refuses_another(data):
+  config, _, cache_dir, model, meta = data
+  assert feature_cache.write(config, cache_dir, model=model) == meta
+  other = _config(config.input.data_dir, config.input.manual_dir,
+                  **{"model.dtype": "bfloat16"})
+  with pytest.raises(feature_cache.CacheMismatch,
+                     match=r"holds a feature cache for another run \(dtype: "
+                     r"the cache has 'float32', this config 'bfloat16'"):
+    feature_cache.write(other, cache_dir, model=model)
+
+
+def test_not_a_cache_is_named(tmp_path, data):
+  config = data[0]
+  with pytest.raises(FileNotFoundError, match=rf"{tmp_path} is not a feature"
+                     " cache"):
+    feature_cache.train_iterator(config, 0, 1, cache_dir=str(tmp_path))
+
+
+def test_corrupt_image_stops_with_its_place_unless_skipped(data):
+  config, _, cache_dir, model, _ = data
+  strict = _config(config.input.data_dir, config.input.manual_dir,
+                   **{"input.skip_corrupt": False, "input.batch_size": 16})
+  # The reader, as the image pipeline, names the image it met.
+  with pytest.raises(input_pipeline.CorruptImage,
+                     match=rf"(NearID-Qwen split 'train' row {TRAIN[0]} "
+                     rf"field 'nimg2'|NearID split 'train' row {TRAIN[1]} "
+                     r"field 'images1'): corrupt image \(feature cache"):
+    _take(feature_cache.train_iterator(strict, 0, 1, cache_dir=cache_dir,
+                                       model=model), 4)
+
+
+def test_reader_state_round_trips(data, tmp_path):
+  ocp = pytest.importorskip("orbax.checkpoint")
+  config, _, cache_dir, model, _ = data
+  make = lambda: feature_cache.train_iterator(config, 1, 2,
+                                              cache_dir=cache_dir,
+                                              model=model)
+  it = make()
+  _take(it, 3)
+  state = it.get_state()
+  expected = _take(it, 2)
+  restored = make()
+  restored.set_state(state)
+  # and through orbax, as train_and_evaluate saves it
+  with ocp.CheckpointManager(tmp_path) as mngr:
+    mngr.save(3, args=ocp.args.Composite(
+        data=grain.checkpoint.CheckpointSave(restored)))
+    mngr.wait_until_finished()
+    again = make()
+    mngr.restore(3, args=ocp.args.Composite(
+        data=grain.checkpoint.CheckpointRestore(again)))
+  for it_ in (restored, again):
+    for x, y in zip(_take(it_, 2), expected):
+      assert x.keys() == y.keys()
+      for k in x:
+        np.testing.assert_array_equal(x[k], y[k])
+
+
+def _worker(pid, nproc, port, data_dir, manual_dir, out):
+  """One process of a 2-process write (test_two_processes_write_one_cache)."""
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(f"localhost:{port}", nproc, pid)
+  feature_cache.write(_config(data_dir, manual_dir), out)
+  print(f"process {jax.process_index()}/{jax.process_count()}: "
+        f"{len(jax.devices())} devices, done", flush=True)
+
+
+def test_two_processes_write_one_cache(data, tmp_path):
+  config, manual, cache_dir, _, meta = data
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+  env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(
+      __file__)))
+  out = str(tmp_path / "cache")
+  procs = [subprocess.Popen(
+      [sys.executable, __file__, str(i), "2", str(port),
+       config.input.data_dir, str(manual), out], env=env,
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in range(2)]
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  for p, o in zip(procs, outs):
+    assert p.returncode == 0, o[-3000:]
+  assert "process 1/2: 4 devices, done" in outs[1]
+  # Each process wrote its share; together they are the one-process cache.
+  two = feature_cache.Cache(out)
+  assert two.meta["shards"] == [f"tokens-0000{i}-of-00002.array_record"
+                                for i in range(2)]
+  assert {k: v for k, v in two.meta.items() if k != "shards"} == {
+      k: v for k, v in meta.items() if k != "shards"}
+  assert sorted(os.listdir(out)) == ["metadata.json"] + two.meta["shards"]
+  one = feature_cache.Cache(cache_dir)
+  a = feature_cache.TokenLookup(two).records
+  b = feature_cache.TokenLookup(one).records
+  for i in range(one.num_records + 1):
+    x, y = a[i], b[i]
+    if x in (feature_cache.EMPTY, feature_cache.CORRUPT):
+      assert x == y, i
+    else:  # other device count, other float32 noise: bf16 rounding apart
+      x, y = (np.frombuffer(v, feature_cache.DTYPE).astype(np.float32)
+              for v in (x, y))
+      assert np.all(np.abs(x - y) <= BF16_RTOL * np.abs(y) + 1e-6), i
+
+
+if __name__ == "__main__":
+  _worker(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]),
+          *sys.argv[4:7])
