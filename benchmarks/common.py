@@ -15,7 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-MATMUL_N = 2048  # big enough for both libraries to reach their matmul peak
+# Big enough for both libraries to reach their matmul peak (a smoke run,
+# benchmarks.suite --quick, lowers it: its peak means nothing).
+MATMUL_N = 2048
 
 
 def time_calls(fns, *, warmup=2, repeats=5):
@@ -58,9 +60,9 @@ def summarize(times):
 def matmul_calls(n=MATMUL_N):
   """{name: call} of a float32 (n, n) @ (n, n) product in JAX and in torch.
 
-  Put them in the same time_calls as the code under test, so the peak is
-  sampled all through the run (see peak_flops); call under
-  torch.inference_mode().
+  Time them in the same time_calls as the code under test (time_with_peak),
+  so the peak is sampled all through the run (see peak_flops). Their
+  operands need no grad, so autograd adds nothing outside inference_mode.
   """
   rng = np.random.default_rng(0)
   a, b = (rng.standard_normal((n, n), np.float32) for _ in range(2))
@@ -71,24 +73,52 @@ def matmul_calls(n=MATMUL_N):
           "torch.mm": lambda: torch.mm(ta, tb)}
 
 
+def time_with_peak(fns, *, warmup, repeats):
+  """time_calls of `fns` with matmul_calls interleaved -> (times, peaks).
+
+  The matmuls run after every call under test, so even a single round
+  samples the peak several times across the run. peaks =
+  (peak_flops(times), peak_flops(times, "cpu_s")). warmup: untimed rounds
+  of `fns` (0 when their first call was made already, e.g. to check
+  results); the matmuls get one of their own first. Their size is MATMUL_N
+  at the time of the call.
+  """
+  n = MATMUL_N
+  matmuls = matmul_calls(n)
+  for call in matmuls.values():
+    call()
+  calls = {}
+  for name, fn in fns.items():
+    calls[name] = fn
+    calls.update({f"{m} after {name}": call for m, call in matmuls.items()})
+  times = time_calls(calls, warmup=warmup, repeats=repeats)
+  return times, (peak_flops(times, n=n), peak_flops(times, "cpu_s", n))
+
+
 def peak_flops(times, kind="wall_s", n=MATMUL_N):
   """FLOP/s of matmul_calls' entries in `times` (best call each), and the max.
 
-  The best of calls spread over the run: a single short measurement taken
-  while a neighbour is busy would put everything else above 100%. With
-  kind="cpu_s" it is FLOPs per CPU-second (all threads): the efficiency of the
-  code, which the neighbours' load barely moves.
+  Entries named "jnp.dot ..." and "torch.mm ..." (time_with_peak's) count as
+  calls of those. The best of calls spread over the run: a single short
+  measurement taken while a neighbour is busy would put everything else
+  above 100%. With kind="cpu_s" it is FLOPs per CPU-second (all threads):
+  the efficiency of the code, which the neighbours' load barely moves.
   """
-  out = {name: 2 * n ** 3 / min(times[name][kind])
-         for name in ("jnp.dot", "torch.mm")}
+  out = {m: 2 * n ** 3 / min(s for name, t in times.items()
+                             if name.split(" ")[0] == m for s in t[kind])
+         for m in ("jnp.dot", "torch.mm")}
   out["peak"] = max(out.values())
   return out
 
 
-def matmul_peak(n=MATMUL_N, repeats=5):
-  """The float32 matmul peak measured on its own (peak_flops' dict)."""
-  with torch.inference_mode():
-    return peak_flops(time_calls(matmul_calls(n), repeats=repeats), n)
+def add_timing_flags(parser, what):
+  """--warmup, --repeats, --no-compile, --json: the PyTorch comparisons'."""
+  parser.add_argument("--warmup", type=int, default=2,
+                      help=f"untimed calls of each {what} first (at least 1)")
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--no-compile", action="store_true",
+                      help="PyTorch eager only (no torch.compile)")
+  parser.add_argument("--json", help="also write the results here")
 
 
 def num_cores():
@@ -99,6 +129,18 @@ def num_cores():
 def set_torch_threads(n=None):
   """One torch intra-op thread per usable core (its default may differ)."""
   torch.set_num_threads(n or num_cores())
+
+
+def with_torch_threads(n, fn):
+  """fn run with n torch intra-op threads (restored after)."""
+  def call():
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+      return fn()
+    finally:
+      torch.set_num_threads(before)
+  return call
 
 
 def thread_notes():
@@ -137,6 +179,43 @@ def markdown_table(header, rows):
            "|" + "|".join("---" for _ in header) + "|"]
   lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
   return "\n".join(lines)
+
+
+def best_of(results, names):
+  """The one of `names` whose best call in `results` took least wall time."""
+  return min(names, key=lambda k: results[k]["best_wall_s"])
+
+
+def suite_row(name, config, impl, unit, count, ours, *, flops=None,
+              peaks=None, ref=None, ref_impl=None, details=None):
+  """One row of benchmarks.suite's table, a JSON-ready dict.
+
+  ours, ref: summarize() dicts of our code and of what it is compared with
+    (PyTorch, faiss, ...; None for no comparison), timed in the same
+    time_calls; count: items per call (images, groups, queries, rows), so a
+    rate is count per best wall second and the ratio is ours / ref.
+  flops: FLOPs per call, against peaks = (peak_flops(times),
+    peak_flops(times, "cpu_s")) of the matmuls in that time_calls.
+  details: the benchmark's own results, kept in the suite's JSON.
+  """
+  row = {"name": name, "config": config, "impl": impl, "unit": unit,
+         "count": count, "rate": count / ours["best_wall_s"],
+         "ms": 1e3 * ours["best_wall_s"],
+         "median_ms": 1e3 * ours["median_wall_s"],
+         "cpu_ms": 1e3 * ours["best_cpu_s"]}
+  if flops:
+    wall, cpu = peaks
+    row.update(gflops=flops / ours["best_wall_s"] / 1e9,
+               peak_gflops=wall["peak"] / 1e9,
+               pct_peak=100 * flops / ours["best_wall_s"] / wall["peak"],
+               pct_peak_cpu=100 * flops / ours["best_cpu_s"] / cpu["peak"])
+  if ref is not None:
+    row.update(ref=ref_impl, ref_rate=count / ref["best_wall_s"],
+               ratio=ref["best_wall_s"] / ours["best_wall_s"],
+               ratio_cpu=ref["best_cpu_s"] / ours["best_cpu_s"])
+  if details is not None:
+    row["details"] = details
+  return row
 
 
 def write_json(path, obj):

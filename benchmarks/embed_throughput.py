@@ -40,8 +40,8 @@ TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 SCAN = {"default": None, "scanned": True, "unrolled": False}
 
 
-def forward_flops(arch, batch):
-  """Analytic FLOPs of one forward pass (tower + MAP head) on `batch` images.
+def forward_flops(arch, batch, heads=1):
+  """Analytic FLOPs of one forward pass (tower + MAP heads) on `batch` images.
 
   A multiply-add counts 2 FLOPs; only matmul-like work is counted (LayerNorm,
   softmax, GELU, biases and residual adds are a few percent and left out).
@@ -53,7 +53,8 @@ def forward_flops(arch, batch):
       scores q k^T (all heads):     2 * N^2 * D
       weighted sum of values:       2 * N^2 * D
       MLP (D -> M -> D):            2 * 2 * N * D * M
-    MAP head (one probe query attending over the N tokens):
+    each MAP head (one probe query attending over the N tokens; `heads` of
+    them read the same tower tokens in evaluation):
       q and out projections of the probe:  2 * 2 * D^2
       k and v projections of the tokens:   2 * 2 * N * D^2
       scores and weighted sum:             2 * 2 * N * D
@@ -63,7 +64,7 @@ def forward_flops(arch, batch):
   embed = 2 * n * 3 * p * p * d
   block = 8 * n * d * d + 4 * n * n * d + 4 * n * d * m
   head = 4 * d * d + 4 * n * d * d + 4 * n * d + 4 * d * m
-  return batch * (embed + arch.depth * block + head)
+  return batch * (embed + arch.depth * block + heads * head)
 
 
 def build_models(arch, dtype, scan, workdir):
@@ -96,11 +97,13 @@ def torch_calls(model, x, try_compile):
   return calls, labels, note
 
 
-def print_report(args, flops, peak, peak_cpu, notes, compile_note, max_diff,
-                 labels, results, ratios):
+def print_report(r):
   """The settings, the markdown table, every timing and the ratios."""
-  print(f"\n{args.variant}@{args.res}, batch {args.batch}, {args.dtype}; "
-        f"{flops / args.batch / 1e9:.2f} GFLOP per image (analytic)")
+  a, notes, peak, peak_cpu = (r["args"], r["threads"], r["peak_flops"],
+                              r["peak_flops_per_cpu_s"])
+  print(f"\n{a['variant']}@{a['res']}, batch {a['batch']}, {a['dtype']}; "
+        f"{r['flops_per_batch'] / a['batch'] / 1e9:.2f} GFLOP per image "
+        "(analytic)")
   print(f"CPU: {notes['cpu']}, {notes['cores']} cores, 1-min load avg "
         f"{notes['load_avg_1m']} at the end; torch threads "
         f"{notes['torch_threads']} (interop {notes['torch_interop_threads']}); "
@@ -112,23 +115,91 @@ def print_report(args, flops, peak, peak_cpu, notes, compile_note, max_diff,
   print(f"the same per CPU-second (all threads): {peak_cpu['peak'] / 1e9:.1f} "
         "GFLOP/CPU-s, the reference of the last column, which a busy "
         "machine barely moves")
-  print(f"torch.compile: {compile_note}")
-  print(f"max |JAX - PyTorch| over the embeddings: {max_diff:.2e}")
-  print(f"best of {args.repeats} interleaved calls each, after {args.warmup} "
+  print(f"torch.compile: {r['torch_compile']}")
+  print(f"max |JAX - PyTorch| over the embeddings: {r['max_abs_diff']:.2e}")
+  print(f"best of {a['repeats']} interleaved calls each, after {a['warmup']} "
         "warm-up calls\n")
+  results = r["results"]
   print(common.markdown_table(
       ["impl", "images/s", "ms/batch", "GFLOP/s", "% of peak",
        "% of peak by CPU time"],
-      [[labels[k], f"{r['images_per_s']:.2f}", f"{1e3 * r['best_wall_s']:.0f}",
-        f"{r['gflops_per_s']:.1f}", f"{r['pct_of_peak']:.0f}",
-        f"{r['pct_of_peak_cpu']:.0f}"] for k, r in results.items()]))
+      [[r["impls"][k], f"{s['images_per_s']:.2f}",
+        f"{1e3 * s['best_wall_s']:.0f}", f"{s['gflops_per_s']:.1f}",
+        f"{s['pct_of_peak']:.0f}", f"{s['pct_of_peak_cpu']:.0f}"]
+       for k, s in results.items()]))
   print()
-  for k, r in results.items():
-    print(f"{k}: wall s/batch {r['all_wall_s']} (median "
-          f"{r['median_wall_s']:.3f}); "
-          f"CPU s/batch best {r['best_cpu_s']:.3f}")
-  for k, v in ratios.items():
+  for k, s in results.items():
+    print(f"{k}: wall s/batch {s['all_wall_s']} (median "
+          f"{s['median_wall_s']:.3f}); "
+          f"CPU s/batch best {s['best_cpu_s']:.3f}")
+  for k, v in r["ratios"].items():
     print(f"ratio {k}: {v:.2f}x")
+
+
+def measure(variant="B/16", res=224, batch=8, dtype="float32", scan="default",
+            warmup=2, repeats=5, try_compile=True):
+  """Builds both models, checks they agree, times them -> a results dict."""
+  args = dict(variant=variant, res=res, batch=batch, dtype=dtype, scan=scan,
+              warmup=warmup, repeats=repeats, compile=try_compile)
+  arch = vit.Arch.from_variant(variant, res)
+  flops = forward_flops(arch, batch)
+  with tempfile.TemporaryDirectory() as workdir:
+    ours, theirs = build_models(arch, dtype, SCAN[scan], workdir)
+  shape = (batch, arch.image_size, arch.image_size, 3)
+  x = np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32)
+  x_jax = jax.device_put(x)
+  x_torch = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).to(
+      TORCH_DTYPES[dtype])
+  forward = ours._forward  # pylint: disable=protected-access
+
+  with torch.inference_mode():
+    # Same weights, same input: else the two timings would not compare. These
+    # are also the first warm-up call of each (compile's first call is its).
+    emb = np.asarray(forward(ours.params, x_jax))
+    ref = theirs(pixel_values=x_torch).pooler_output.float()
+    max_diff = float(np.abs(
+        emb - torch.nn.functional.normalize(ref, dim=-1).numpy()).max())
+    calls, labels, compile_note = torch_calls(theirs, x_torch, try_compile)
+    calls = {"jax": lambda: forward(ours.params, x_jax).block_until_ready(),
+             **calls}
+    labels["jax"] = (f"JAX nearid_jax (jit, "
+                     f"{'scanned' if ours.scan else 'unrolled'} blocks)")
+    times, (peak, peak_cpu) = common.time_with_peak(
+        calls, warmup=max(warmup - 1, 0), repeats=repeats)
+
+  results = {}
+  for name in calls:
+    s = common.summarize(times[name])
+    s.update(images_per_s=batch / s["best_wall_s"],
+             gflops_per_s=flops / s["best_wall_s"] / 1e9,
+             pct_of_peak=100 * flops / s["best_wall_s"] / peak["peak"],
+             pct_of_peak_cpu=100 * flops / s["best_cpu_s"] / peak_cpu["peak"])
+    results[name] = s
+  ratios = {}
+  for k, s in results.items():
+    if k != "jax":
+      ratios[f"JAX/{k} images/s"] = (results["jax"]["images_per_s"] /
+                                     s["images_per_s"])
+      ratios[f"JAX/{k} by CPU time"] = s["best_cpu_s"] / results["jax"][
+          "best_cpu_s"]
+  return {"args": args, "arch": dataclasses.asdict(arch),
+          "flops_per_batch": flops, "peak_flops": peak,
+          "peak_flops_per_cpu_s": peak_cpu, "threads": common.thread_notes(),
+          "torch_compile": compile_note, "impls": labels,
+          "max_abs_diff": max_diff, "results": results, "ratios": ratios}
+
+
+def rows(name="embed", **kw):
+  """measure(**kw) as one suite row: JAX vs PyTorch's faster variant."""
+  r = measure(**kw)
+  a, results = r["args"], r["results"]
+  ref = common.best_of(results, [k for k in results if k != "jax"])
+  return [common.suite_row(
+      name, f"{a['variant']}@{a['res']}, batch {a['batch']}, {a['dtype']}",
+      r["impls"]["jax"], "img/s", a["batch"], results["jax"],
+      flops=r["flops_per_batch"],
+      peaks=(r["peak_flops"], r["peak_flops_per_cpu_s"]),
+      ref=results[ref], ref_impl=r["impls"][ref], details=r)]
 
 
 def main():
@@ -141,73 +212,15 @@ def main():
                       help="compute dtype of both models")
   parser.add_argument("--scan", choices=sorted(SCAN), default="default",
                       help="block layout of our tower (default: NearID.load's)")
-  parser.add_argument("--warmup", type=int, default=2,
-                      help="untimed calls of each model first (at least 1)")
-  parser.add_argument("--repeats", type=int, default=5)
-  parser.add_argument("--no-compile", action="store_true",
-                      help="skip the torch.compile run")
-  parser.add_argument("--json", help="also write the results here")
+  common.add_timing_flags(parser, "model")
   args = parser.parse_args()
 
   common.set_torch_threads()
-  arch = vit.Arch.from_variant(args.variant, args.res)
-  flops = forward_flops(arch, args.batch)
-  with tempfile.TemporaryDirectory() as workdir:
-    ours, theirs = build_models(arch, args.dtype, SCAN[args.scan], workdir)
-  shape = (args.batch, arch.image_size, arch.image_size, 3)
-  x = np.random.default_rng(0).uniform(-1, 1, shape).astype(np.float32)
-  x_jax = jax.device_put(x)
-  x_torch = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).to(
-      TORCH_DTYPES[args.dtype])
-  forward = ours._forward  # pylint: disable=protected-access
-
-  with torch.inference_mode():
-    # Same weights, same input: else the two timings would not compare. These
-    # are also the first warm-up call of each (compile's first call is its).
-    emb = np.asarray(forward(ours.params, x_jax))
-    ref = theirs(pixel_values=x_torch).pooler_output.float()
-    max_diff = float(np.abs(
-        emb - torch.nn.functional.normalize(ref, dim=-1).numpy()).max())
-    calls, labels, compile_note = torch_calls(theirs, x_torch,
-                                              not args.no_compile)
-    calls = {"jax": lambda: forward(ours.params, x_jax).block_until_ready(),
-             **calls}
-    labels["jax"] = (f"JAX nearid_jax (jit, "
-                     f"{'scanned' if ours.scan else 'unrolled'} blocks)")
-    matmuls = common.matmul_calls()
-    for call in matmuls.values():  # their warm-up call; the models had theirs
-      call()
-    times = common.time_calls({**calls, **matmuls},
-                              warmup=max(args.warmup - 1, 0),
-                              repeats=args.repeats)
-  peak = common.peak_flops(times)
-  peak_cpu = common.peak_flops(times, "cpu_s")
-
-  results = {}
-  for name in calls:
-    r = common.summarize(times[name])
-    r.update(images_per_s=args.batch / r["best_wall_s"],
-             gflops_per_s=flops / r["best_wall_s"] / 1e9,
-             pct_of_peak=100 * flops / r["best_wall_s"] / peak["peak"],
-             pct_of_peak_cpu=100 * flops / r["best_cpu_s"] / peak_cpu["peak"])
-    results[name] = r
-  ratios = {}
-  for k, r in results.items():
-    if k != "jax":
-      ratios[f"JAX/{k} images/s"] = (results["jax"]["images_per_s"] /
-                                     r["images_per_s"])
-      ratios[f"JAX/{k} by CPU time"] = r["best_cpu_s"] / results["jax"][
-          "best_cpu_s"]
-  notes = common.thread_notes()
-  print_report(args, flops, peak, peak_cpu, notes, compile_note, max_diff,
-               labels, results, ratios)
+  r = measure(args.variant, args.res, args.batch, args.dtype, args.scan,
+              args.warmup, args.repeats, not args.no_compile)
+  print_report(r)
   if args.json:
-    common.write_json(args.json, {
-        "args": vars(args), "arch": dataclasses.asdict(arch),
-        "flops_per_batch": flops, "peak_flops": peak,
-        "peak_flops_per_cpu_s": peak_cpu, "threads": notes,
-        "torch_compile": compile_note, "impls": labels,
-        "max_abs_diff": max_diff, "results": results, "ratios": ratios})
+    common.write_json(args.json, r)
 
 
 if __name__ == "__main__":

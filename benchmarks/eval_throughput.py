@@ -25,6 +25,7 @@ Scoring (numpy/JAX on host embeddings, the paper's sizes): 500 test rows x 7
 pooled sources at D = 1152 (So400m), random unit embeddings with 2-3 views:
 per-source + pooled SSR/PA (evaluate.nearid_scores without retrieval) and
 identity retrieval (1,500 view queries vs 12,000 views + distractors).
+embed_rows and scoring_rows give benchmarks.suite its rows.
 """
 import argparse
 import os
@@ -35,6 +36,7 @@ import jax
 import numpy as np
 
 from benchmarks import common
+from benchmarks.embed_throughput import forward_flops
 from configs import demo as demo_config
 import input_pipeline
 from input_pipeline import synthetic
@@ -46,6 +48,9 @@ from nearid_jax import sharding
 from nearid_jax import vit
 from nearid_jax.model import NearID
 from nearid_jax.model import split_params
+
+SSR_PA = "SSR/PA per source + pooled"
+RETRIEVAL = "identity retrieval (R@1/5/10, mAP)"
 
 
 def build_model(arch, seed=0):
@@ -60,7 +65,10 @@ def build_model(arch, seed=0):
 
 
 def time_embed(model, heads, rows, mesh, repeats):
-  """images/s of the three ways to embed `rows` eval rows' view slots."""
+  """Times the three ways to embed `rows` eval rows' view slots.
+
+  -> ({impl: summary with images_per_s}, peaks of common.time_with_peak).
+  """
   res = model.arch.image_size
   images = np.random.default_rng(0).integers(0, 256, (rows, 3, res, res, 3),
                                              np.uint8)
@@ -77,12 +85,30 @@ def time_embed(model, heads, rows, mesh, repeats):
       "two full forwards": lambda: block(
           [model._forward(p, x) for p in params.values()]),  # pylint: disable=protected-access
   }
-  times = common.time_calls(fns, warmup=1, repeats=repeats)
+  times, peaks = common.time_with_peak(fns, warmup=1, repeats=repeats)
   n = rows * 3
-  out = {k: common.summarize(t) for k, t in times.items()}
+  out = {k: common.summarize(times[k]) for k in fns}
   for s in out.values():
     s.update(images=n, images_per_s=n / s["best_wall_s"])
-  return out
+  return out, peaks
+
+
+def embed_rows(rows=0, repeats=3):
+  """The demo tower's eval embedding as a suite row: one tower pass for both
+  heads vs two full forwards. rows: eval rows per batch (0 = the demo's)."""
+  dc = demo_config.get_config()
+  rows = rows or dc.eval.batch_size
+  arch = vit.Arch.from_variant(dc.model.variant, dc.model.res)
+  model, heads = build_model(arch)
+  mesh = sharding.make_mesh([(sharding.DATA, -1)])
+  r, peaks = time_embed(model, heads, rows, mesh, repeats)
+  ours, ref = "both heads, one tower pass", "two full forwards"
+  return [common.suite_row(
+      "eval_embed", f"demo {dc.model.variant}@{dc.model.res}, {rows} rows x "
+      f"3 views, baseline + trained head", f"JAX evaluate.Embedder ({ours})",
+      "img/s", rows * 3, r[ours], flops=forward_flops(arch, rows * 3, heads=2),
+      peaks=peaks, ref=r[ref], ref_impl=f"JAX, {ref} (one per head)",
+      details=r)]
 
 
 def time_split(model, heads, mesh, rows_per_batch, identities, workdir):
@@ -120,8 +146,12 @@ def fake_split(rows=500, dim=1152, n_sources=7, seed=0):
       {"trained": unit(rng.standard_normal((rows, n_sources, 3, dim)))})
 
 
-def time_scoring(repeats):
-  emb = fake_split()
+def time_scoring(repeats, rows=500, dim=1152):
+  """Times SSR/PA, identity retrieval and both on a fake `rows`-row split.
+
+  -> ({computation: summary}, retrieval queries, gallery items).
+  """
+  emb = fake_split(rows, dim)
 
   def ssr_pa():
     margins = [metrics.nearid_margins(
@@ -131,15 +161,24 @@ def time_scoring(repeats):
       metrics.ssr_from_margins(*m)
     metrics.ssr_from_margins(*(np.concatenate(x) for x in zip(*margins)))
 
-  fns = {"SSR/PA per source + pooled": ssr_pa,
-         "identity retrieval (R@1/5/10, mAP)":
-             lambda: evaluate.identity_retrieval(emb, "trained"),
+  fns = {SSR_PA: ssr_pa,
+         RETRIEVAL: lambda: evaluate.identity_retrieval(emb, "trained"),
          "evaluate.nearid_scores (both of the above)":
              lambda: evaluate.nearid_scores(emb)}
   times = common.time_calls(fns, warmup=1, repeats=repeats)
   q = int(emb.view_mask.sum())
   g = q + int(emb.distractor_mask.sum())
   return {k: common.summarize(t) for k, t in times.items()}, q, g
+
+
+def scoring_rows(repeats=3, rows=500, dim=1152):
+  """Scoring as suite rows: SSR/PA (test rows/s), identity retrieval (q/s)."""
+  r, q, g = time_scoring(repeats, rows, dim)
+  config = f"{rows} test rows x 7 sources, D={dim}, 2-3 views"
+  return [common.suite_row("ssr", config, f"numpy metrics: {SSR_PA}",
+                           "rows/s", rows, r[SSR_PA], details=r),
+          common.suite_row("eval_retrieval", f"{config}: {q} queries vs {g}",
+                           f"evaluate.{RETRIEVAL}", "q/s", q, r[RETRIEVAL])]
 
 
 def main():
@@ -165,7 +204,7 @@ def main():
   rows = []
   for name, arch, n in towers:
     model, heads = build_model(arch)
-    r = time_embed(model, heads, n, mesh, args.repeats)
+    r, _ = time_embed(model, heads, n, mesh, args.repeats)
     results["embed"][name] = r
     for impl, s in r.items():
       rows.append([name, f"{n} rows x 3 = {s['images']}", impl,

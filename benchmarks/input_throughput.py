@@ -13,17 +13,27 @@ the first batch (worker start-up) is left out, then --batches batches are
 timed as one stretch. images/s counts the valid views and distractors
 delivered (up to 6 per group). With --train_groups_per_s (from the training
 benchmark, same machine) it says whether input or compute bounds training.
+
+For benchmarks.suite, `rows` answers that question directly for the demo:
+the demo's train step fed by the demo's input config batch by batch, as
+train.py's loop feeds it (`sharding.global_batch(next(it))`, no host sync
+until the last step), against the same step on one batch already on the
+device. A ratio near 1 means the pipeline keeps up.
 """
 import argparse
 import os
 import tempfile
 import time
 
+import jax
 import tensorflow_datasets as tfds
 
 from benchmarks import common
+import configs.demo
 import input_pipeline
 from input_pipeline import synthetic
+from nearid_jax import sharding
+from nearid_jax import train
 
 
 def measure(cfg, batches):
@@ -45,6 +55,72 @@ def measure(cfg, batches):
           "images_per_s": images / seconds}
 
 
+def prepare_data(cfg, workdir, identities, gen_res):
+  """Generates (once) and prepares a synthetic dataset for input config cfg.
+
+  Images at gen_res px, so each is decoded and squash-resized to cfg.res as
+  real 512-1024 px images are; the sources are cfg's.
+  """
+  cfg.manual_dir, cfg.data_dir = (os.path.join(workdir, "hf"),
+                                  os.path.join(workdir, "tfds"))
+  if not os.path.exists(cfg.manual_dir):
+    start = time.perf_counter()
+    synthetic.generate(cfg.manual_dir, identities, gen_res, seed=0,
+                       sources=tuple(cfg.sources),
+                       mtg=max(5, identities // 4))
+    print(f"generated {identities} identities at {gen_res} px in "
+          f"{time.perf_counter() - start:.1f} s", flush=True)
+  tfds.disable_progress_bar()
+  input_pipeline.prepare(cfg)
+
+
+def time_fed_step(config, steps, repeats):
+  """`steps` train steps fed by config.input's pipeline vs on one resident
+  batch, interleaved -> {"fed": summary, "resident": summary}."""
+  mesh = sharding.make_mesh(config.mesh)
+  _, frozen, state, step = train.setup(config, mesh)
+  it = input_pipeline.train_iterator(config.input, 0, 1)
+  resident = sharding.global_batch(next(it), mesh)
+
+  def run(feed):
+    nonlocal state
+    for _ in range(steps):
+      batch = sharding.global_batch(next(it), mesh) if feed else resident
+      state, metrics = step(frozen, state, batch)
+    jax.block_until_ready(metrics)
+
+  times = common.time_calls({"fed": lambda: run(True),
+                             "resident": lambda: run(False)},
+                            warmup=1, repeats=repeats)
+  return {k: common.summarize(t) for k, t in times.items()}
+
+
+def rows(identities=300, groups=0, steps=10, batches=20, repeats=3):
+  """The demo's train step fed by its input pipeline as a suite row.
+
+  The demo config's model and input settings (groups: 0 = its batch) on
+  synthetic images made at the demo's image_res; details also hold the
+  pipeline's rate alone (measure, `batches` batches).
+  """
+  config = configs.demo.get_config()
+  cfg = config.input
+  if groups:
+    cfg.batch_size = groups
+  with tempfile.TemporaryDirectory(prefix="input_bench_") as workdir:
+    prepare_data(cfg, workdir, identities, config.demo.image_res)
+    alone = measure(cfg, batches)
+    r = time_fed_step(config, steps, repeats)
+  return [common.suite_row(
+      "input_demo", f"demo {config.model.variant}@{config.model.res}, "
+      f"{cfg.batch_size} groups/step, {steps} steps per call; input from "
+      f"{config.demo.image_res} px PNG, {cfg.num_workers} workers, "
+      f"{cfg.num_threads} threads (the demo's)",
+      "train step fed by input_pipeline.train_iterator", "groups/s",
+      steps * cfg.batch_size, r["fed"], ref=r["resident"],
+      ref_impl="the same step on a batch already on the device",
+      details={"steps": r, "input_alone": alone})]
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--res", type=int, default=384)
@@ -62,23 +138,13 @@ def main():
                       help="keep the data here (default: a temp dir)")
   parser.add_argument("--json", help="also write the results here")
   args = parser.parse_args()
-  tfds.disable_progress_bar()
 
   workdir = args.workdir or tempfile.mkdtemp(prefix="input_bench_")
-  manual = os.path.join(workdir, "hf")
-  if not os.path.exists(manual):
-    start = time.perf_counter()
-    synthetic.generate(manual, args.identities, args.gen_res, seed=0,
-                       sources=("Flux", "Qwen"),
-                       mtg=max(5, args.identities // 4))
-    print(f"generated {args.identities} identities at {args.gen_res} px in "
-          f"{time.perf_counter() - start:.1f} s")
   cfg = input_pipeline.default_config()
-  cfg.manual_dir, cfg.data_dir = manual, os.path.join(workdir, "tfds")
   cfg.sources = cfg.eval_sources = ("Flux", "Qwen")
   cfg.res, cfg.batch_size, cfg.mtg_repeat = args.res, args.batch, 4
   cfg.num_threads = args.threads
-  input_pipeline.prepare(cfg)
+  prepare_data(cfg, workdir, args.identities, args.gen_res)
 
   results = []
   for workers in (int(w) for w in args.workers.split(",")):

@@ -14,7 +14,8 @@ float32 gallery with the same queries, in one process, interleaved:
 Queries/s (and the score matmul's GFLOP/s) are from each method's best call
 of --repeats, after one warm-up call (which also compiles ours). The id
 agreement column is the fraction of top-k ids equal to faiss's (exact
-searches agree up to ties and float rounding of near-equal scores).
+searches agree up to ties and float rounding of near-equal scores). The
+matmul peak is timed between them, as in the other benchmarks.
 """
 import argparse
 
@@ -24,6 +25,10 @@ import numpy as np
 
 from benchmarks import common
 from nearid_jax import retrieval
+
+OURS = "nearid_jax topk"
+NUMPY = "numpy matmul + argpartition"
+FAISS = "faiss-cpu IndexFlatIP"
 
 
 def numpy_topk(queries, gallery, k, block=16384):
@@ -43,6 +48,63 @@ def numpy_topk(queries, gallery, k, block=16384):
                                                                   order, 1)
 
 
+def measure(gallery=100_000, dim=1152, queries=256, k=10,
+            blocks=(1024, 4096), repeats=3):
+  """Times the three searches on one random gallery -> a results dict."""
+  rng = np.random.default_rng(0)
+  items = rng.standard_normal((gallery, dim), np.float32)
+  items /= np.linalg.norm(items, axis=1, keepdims=True)
+  # Queries near gallery items, as in identity retrieval.
+  qs = items[rng.choice(gallery, queries)]
+  qs = qs + 0.05 * rng.standard_normal(qs.shape, np.float32)
+  qs /= np.linalg.norm(qs, axis=1, keepdims=True)
+
+  device_items = jax.device_put(items)
+  device_qs = jax.device_put(qs)
+  index = faiss.IndexFlatIP(dim)
+  index.add(items)
+
+  def ours(block):
+    return lambda: jax.block_until_ready(retrieval.topk(
+        device_qs, device_items, k, block=block))
+
+  fns = {f"{OURS} (block {b})": ours(b) for b in blocks}
+  fns[NUMPY] = lambda: numpy_topk(qs, items, k)
+  fns[FAISS] = lambda: index.search(qs, k)
+  times, peaks = common.time_with_peak(fns, warmup=1, repeats=repeats)
+
+  _, faiss_ids = index.search(qs, k)
+  flops = 2 * queries * gallery * dim  # the score matmul
+  results = {}
+  for name, fn in fns.items():
+    ids = np.asarray(fn()[1])
+    summary = common.summarize(times[name])
+    summary["queries_per_s"] = queries / summary["best_wall_s"]
+    summary["gflops"] = flops / summary["best_wall_s"] / 1e9
+    summary["pct_of_peak"] = 100 * flops / summary["best_wall_s"] / peaks[0][
+        "peak"]
+    summary["id_agreement"] = float(np.mean(ids == faiss_ids))
+    results[name] = summary
+  notes = common.thread_notes()
+  notes.update(faiss=faiss.__version__,
+               faiss_threads=faiss.omp_get_max_threads())
+  return {"args": dict(gallery=gallery, dim=dim, queries=queries, k=k,
+                       blocks=list(blocks), repeats=repeats),
+          "flops": flops, "peaks": peaks, "notes": notes, "results": results}
+
+
+def rows(**kw):
+  """measure(**kw) as one suite row: our fastest block size vs faiss."""
+  r = measure(**kw)
+  a, results = r["args"], r["results"]
+  best = common.best_of(results, [k for k in results if k.startswith(OURS)])
+  return [common.suite_row(
+      "retrieval", f"exact top-{a['k']}, {a['queries']} queries vs "
+      f"{a['gallery']:,} x {a['dim']} float32", best, "q/s", a["queries"],
+      results[best], flops=r["flops"], peaks=r["peaks"], ref=results[FAISS],
+      ref_impl=FAISS, details=r)]
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--gallery", type=int, default=100_000)
@@ -55,58 +117,24 @@ def main():
   parser.add_argument("--json", help="also write the results here")
   args = parser.parse_args()
 
-  rng = np.random.default_rng(0)
-  gallery = rng.standard_normal((args.gallery, args.dim), np.float32)
-  gallery /= np.linalg.norm(gallery, axis=1, keepdims=True)
-  # Queries near gallery items, as in identity retrieval.
-  queries = gallery[rng.choice(args.gallery, args.queries)]
-  queries = queries + 0.05 * rng.standard_normal(queries.shape, np.float32)
-  queries /= np.linalg.norm(queries, axis=1, keepdims=True)
-
-  device_gallery = jax.device_put(gallery)
-  device_queries = jax.device_put(queries)
-  index = faiss.IndexFlatIP(args.dim)
-  index.add(gallery)
-
-  def ours(block):
-    return lambda: jax.block_until_ready(retrieval.topk(
-        device_queries, device_gallery, args.k, block=block))
-
-  fns = {f"nearid_jax topk (block {b})": ours(b)
-         for b in map(int, args.blocks.split(","))}
-  fns["numpy matmul + argpartition"] = lambda: numpy_topk(queries, gallery,
-                                                          args.k)
-  fns["faiss-cpu IndexFlatIP"] = lambda: index.search(queries, args.k)
-  times = common.time_calls(fns, warmup=1, repeats=args.repeats)
-
-  _, faiss_ids = index.search(queries, args.k)
-  flops = 2 * args.queries * args.gallery * args.dim  # the score matmul
-  results, rows = {}, []
-  for name, fn in fns.items():
-    ids = np.asarray(fn()[1])
-    summary = common.summarize(times[name])
-    summary["queries_per_s"] = args.queries / summary["best_wall_s"]
-    summary["gflops"] = flops / summary["best_wall_s"] / 1e9
-    summary["id_agreement"] = float(np.mean(ids == faiss_ids))
-    results[name] = summary
-    rows.append([name, f"{summary['queries_per_s']:.1f}",
-                 f"{summary['gflops']:.1f}", f"{summary['best_wall_s']:.3f}",
-                 f"{summary['median_wall_s']:.3f}",
-                 f"{summary['id_agreement']:.4f}"])
-  notes = common.thread_notes()
-  notes.update(faiss=faiss.__version__,
-               faiss_threads=faiss.omp_get_max_threads())
+  r = measure(args.gallery, args.dim, args.queries, args.k,
+              [int(b) for b in args.blocks.split(",")], args.repeats)
+  notes = r["notes"]
   print(f"Exact top-{args.k} of {args.queries} queries against a "
         f"{args.gallery:,} x {args.dim} float32 gallery; {notes['cpu']}, "
         f"{notes['cores']} cores, load {notes['load_avg_1m']}; jax "
         f"{notes['jax']}, faiss-cpu {notes['faiss']} "
-        f"({notes['faiss_threads']} threads).\n")
+        f"({notes['faiss_threads']} threads); matmul peak "
+        f"{r['peaks'][0]['peak'] / 1e9:.1f} GFLOP/s.\n")
   print(common.markdown_table(
-      ["method", "queries/s", "matmul GFLOP/s", "best s", "median s",
-       "id agreement"], rows))
+      ["method", "queries/s", "matmul GFLOP/s", "% of peak", "best s",
+       "median s", "id agreement"],
+      [[name, f"{s['queries_per_s']:.1f}", f"{s['gflops']:.1f}",
+        f"{s['pct_of_peak']:.0f}", f"{s['best_wall_s']:.3f}",
+        f"{s['median_wall_s']:.3f}", f"{s['id_agreement']:.4f}"]
+       for name, s in r["results"].items()]))
   if args.json:
-    common.write_json(args.json, {"args": vars(args), "notes": notes,
-                                  "results": results})
+    common.write_json(args.json, {**r, "args": vars(args)})
 
 
 if __name__ == "__main__":

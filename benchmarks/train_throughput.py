@@ -2,13 +2,18 @@
 
 Run from the repository root, e.g.
 
-  .venv/bin/python -m benchmarks.train_throughput --which demo [--json out.json]
+  .venv/bin/python -m benchmarks.train_throughput --which demo \
+      [--torch_threads 1] [--json out.json]
   .venv/bin/python -m benchmarks.train_throughput --which b16 --groups 2
+  .venv/bin/python -m benchmarks.train_throughput --which so400m --groups 1 \
+      --warmup 1 --repeats 1 --no-compile
 
 Our step is built exactly as training builds it: the config (configs/demo.py,
-or configs/b16_224.py with a random tower), `sharding.make_mesh`,
-`train.setup`, and random uint8 batches shaped like the input pipeline's put
-on the mesh with `sharding.global_batch`; one timed call is
+or configs/b16_224.py / configs/nearid_r7.py with a random tower; R7's tower
+runs in float32 here, as the matmul peak, where the paper's runs in bf16 on
+accelerators), `sharding.make_mesh`, `train.setup`, and random uint8
+batches shaped like the input pipeline's put on the mesh with
+`sharding.global_batch`; one timed call is
 `state, metrics = step(frozen, state, batch)`, blocked on.
 
 The PyTorch step does the same work on the same weights: our model exported
@@ -20,7 +25,11 @@ two-tier loss (`two_tier_torch`, checked against ours on the first batch),
 backward, gradient-norm clip 1.0 and a `torch.optim.AdamW` step. The head +
 loss part is `torch.compile`d unless --no-compile (the tower is inference
 only, as in embed_throughput). Throughput counts every image slot of the
-batch, masked or not: both steps compute them all.
+batch, masked or not: both steps compute them all. PyTorch runs on one
+thread per core and, with --torch_threads, on other counts too: the small
+ops of the demo's tower run faster on one thread when the machine is busy.
+The ratio is against PyTorch's fastest variant. --tower swaps in another
+tower shape with the config's other settings (smoke runs of the suite).
 """
 import argparse
 import os
@@ -34,6 +43,7 @@ import transformers
 
 import configs.b16_224
 import configs.demo
+import configs.nearid_r7
 from benchmarks import common
 from benchmarks.embed_throughput import forward_flops
 from nearid_jax import sharding
@@ -44,13 +54,25 @@ SLOTS = 6  # images per group: 3 views + 3 distractors
 _NEG = -1e9  # masked logits, as in nearid_jax/losses.py
 
 
-def make_config(which, groups):
-  """The training config of `which`; `groups` overrides its global batch."""
-  if which == "demo":
-    config = configs.demo.get_config()
-  else:
-    config = configs.b16_224.get_config()
-    config.model.init = ""  # a random tower of the variant's shape
+CONFIGS = {"demo": configs.demo, "b16": configs.b16_224,
+           "so400m": configs.nearid_r7}
+# Global batch (groups) when none is given: the config's for the demo,
+# reduced to what a 2-core CPU runs in seconds to minutes for the others.
+CPU_GROUPS = {"demo": 0, "b16": 2, "so400m": 1}
+
+
+def make_config(which, groups, tower=""):
+  """The training config of `which` with a random tower, on CPU settings.
+
+  groups: overrides its global batch (0 = keep it); tower: "variant@res"
+  replaces the tower's shape.
+  """
+  config = CONFIGS[which].get_config()
+  config.model.init = ""  # a random tower of the variant's shape
+  config.model.dtype = "float32"  # as the matmul peak and PyTorch
+  if tower:
+    variant, res = tower.split("@")
+    config.model.variant, config.model.res = variant, int(res)
   if groups:
     config.input.batch_size = groups
   return config
@@ -158,60 +180,25 @@ def torch_steps(vision, config, batch, try_compile):
                          f"{time.perf_counter() - start:.0f} s")
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--which", default="demo,b16",
-                      help="comma-separated: demo (pico/8@48), b16 (B/16@224)")
-  parser.add_argument("--groups", type=int, default=0,
-                      help="global batch in groups of 6 images; 0 = the "
-                           "config's for demo, 2 for b16 (CPU)")
-  parser.add_argument("--warmup", type=int, default=2,
-                      help="untimed calls of each step first (at least 1)")
-  parser.add_argument("--repeats", type=int, default=5)
-  parser.add_argument("--no-compile", action="store_true",
-                      help="PyTorch eager only")
-  parser.add_argument("--json", help="also write the results here")
-  args = parser.parse_args()
-  common.set_torch_threads()
-
-  rows, out = [], {"args": vars(args), "configs": {}}
-  for which in args.which.split(","):
-    if which not in ("demo", "b16"):
-      parser.error(f"--which {which!r}: demo or b16")
-    groups = args.groups or (0 if which == "demo" else 2)
-    out["configs"][which] = r = run_one(which, groups, args)
-    name = f"{r['variant']}@{r['res']}, {r['groups']} groups x 6"
-    for impl in r["labels"]:
-      rows.append([name, r["labels"][impl],
-                   f"{r[impl]['images_per_s']:.4g}",
-                   f"{1e3 * r[impl]['best_wall_s']:.1f}",
-                   f"{1e3 * r[impl]['median_wall_s']:.1f}",
-                   f"{1e3 * r[impl]['best_cpu_s']:.1f}"])
-    rows.append([name, f"**ratio JAX/{r['ratio_vs']}**",
-                 f"**{r['ratio_images_per_s']:.2f}x**", "", "",
-                 f"{r['ratio_cpu']:.2f}x"])
-  notes = common.thread_notes()
-  out["threads"] = notes
-  print(f"\nCPU: {notes['cpu']}, {notes['cores']} cores, 1-min load avg "
-        f"{notes['load_avg_1m']} at the end (shared machine); torch threads "
-        f"{notes['torch_threads']}; XLA_FLAGS={notes['XLA_FLAGS']!r}; "
-        f"best of {args.repeats} interleaved calls after {args.warmup} "
-        "warm-up calls\n")
-  print(common.markdown_table(
-      ["config", "impl", "images/s (best)", "ms/step (best)",
-       "ms/step (median)", "CPU ms/step (best)"], rows))
-  if args.json:
-    common.write_json(args.json, out)
+def _threads(n):
+  return f"{n} thread{'s' if n > 1 else ''}"
 
 
-def run_one(which, groups, args):
-  """Builds both steps for one config, checks the loss, times; -> results."""
-  config = make_config(which, groups)
+def run_one(which, groups=0, tower="", warmup=2, repeats=5, try_compile=True,
+            torch_threads=()):
+  """Builds both steps for one config, checks the loss, times; -> results.
+
+  groups: 0 = CPU_GROUPS[which]; tower: see make_config; torch_threads: other
+  torch thread counts to time each PyTorch step with too (small steps can run
+  faster on fewer threads, most of all on a loaded machine).
+  """
+  config = make_config(which, groups or CPU_GROUPS[which], tower)
   m = config.model
   b = config.input.batch_size
+  reduced = b != CONFIGS[which].get_config().input.batch_size
   print(f"== {which}: {m.variant}@{m.res}, global batch {b} groups x {SLOTS} "
-        f"= {b * SLOTS} images" + (" (reduced for CPU)" if which == "b16"
-                                   else ""), flush=True)
+        f"= {b * SLOTS} images" + (" (reduced for CPU)" if reduced else ""),
+        flush=True)
   mesh = sharding.make_mesh(config.mesh)
   model, frozen, state, step = train.setup(config, mesh)
   batch = random_batch(b, m.res)
@@ -220,8 +207,13 @@ def run_one(which, groups, args):
     hf_dir = model.export(os.path.join(tmp, "hf"), format="hf-siglip")
     vision = transformers.SiglipVisionModel.from_pretrained(hf_dir).eval()
   tcalls, labels, compile_note = torch_steps(vision, config, batch,
-                                             not args.no_compile)
+                                             try_compile)
   print(f"torch.compile: {compile_note}", flush=True)
+  for name in list(tcalls):
+    for n in torch_threads:
+      tcalls[f"{name}_{n}thr"] = common.with_torch_threads(n, tcalls[name])
+      labels[f"{name}_{n}thr"] = f"{labels[name]}, {_threads(n)}"
+    labels[name] += f", {_threads(torch.get_num_threads())}"
 
   # First call of each (its warm-up; JAX compiles here): same head, same
   # batch, so the losses must agree.
@@ -241,23 +233,21 @@ def run_one(which, groups, args):
     state, metrics = step(frozen, state, jbatch)
     jax.block_until_ready(metrics)
 
-  # The matmul peak is sampled between the steps (their operands need no
-  # grad, so autograd adds nothing to torch.mm outside inference_mode).
-  matmuls = common.matmul_calls()
-  for call in matmuls.values():  # their warm-up call; the steps had theirs
-    call()
   calls = {"jax": jax_call, **tcalls}
-  times = common.time_calls({**calls, **matmuls},
-                            warmup=max(args.warmup - 1, 0),
-                            repeats=args.repeats)
-  peak = common.peak_flops(times)
+  times, peaks = common.time_with_peak(calls, warmup=max(warmup - 1, 0),
+                                       repeats=repeats)
+  peak = peaks[0]
   arch = vit.Arch.from_variant(m.variant, m.res)
   flops = forward_flops(arch, b * SLOTS)
-  r = {"variant": m.variant, "res": m.res, "groups": b,
-       "images_per_step": b * SLOTS, "mesh": dict(mesh.shape),
+  r = {"which": which, "variant": m.variant, "res": m.res, "groups": b,
+       "reduced_for_cpu": reduced, "images_per_step": b * SLOTS,
+       "scan": model.scan, "mesh": dict(mesh.shape),
        "torch_compile": compile_note, "loss_jax": ours, "loss_torch": theirs,
        "loss_rel_diff": rel, "jax_first_call_s": jit_s,
        "forward_flops_per_step": flops, "peak_flops": peak,
+       "peak_flops_per_cpu_s": peaks[1], "warmup": warmup,
+       "repeats": repeats,
+       "torch_threads": [torch.get_num_threads(), *torch_threads],
        "labels": {"jax": f"JAX train.setup step (jit, mesh "
                          f"{dict(mesh.shape)})", **labels}}
   for impl in calls:
@@ -266,7 +256,7 @@ def run_one(which, groups, args):
     s["pct_of_peak_fwd"] = 100 * flops / s["best_wall_s"] / peak["peak"]
     r[impl] = s
   # Against PyTorch's faster variant: the target is about the best it does.
-  best = max(tcalls, key=lambda k: r[k]["images_per_s"])
+  best = common.best_of(r, tcalls)
   r["ratio_vs"] = best
   r["ratio_images_per_s"] = r["jax"]["images_per_s"] / r[best]["images_per_s"]
   r["ratio_cpu"] = r[best]["best_cpu_s"] / r["jax"]["best_cpu_s"]
@@ -278,6 +268,71 @@ def run_one(which, groups, args):
   for impl in calls:
     print(f"{impl}: wall s/step {r[impl]['all_wall_s']}", flush=True)
   return r
+
+
+def rows(which, **kw):
+  """run_one(which, **kw) as one suite row: JAX vs PyTorch's faster step."""
+  r = run_one(which, **kw)
+  batch = (f"{r['groups']} groups x {SLOTS} = {r['images_per_step']} images"
+           + (" (reduced for CPU)" if r["reduced_for_cpu"] else
+              " (the config's)"))
+  return [common.suite_row(
+      f"train_{which}", f"{r['variant']}@{r['res']}, {batch}, float32, "
+      f"{'scanned' if r['scan'] else 'unrolled'} blocks", r["labels"]["jax"],
+      "img/s", r["images_per_step"], r["jax"],
+      flops=r["forward_flops_per_step"],
+      peaks=(r["peak_flops"], r["peak_flops_per_cpu_s"]),
+      ref=r[r["ratio_vs"]], ref_impl=r["labels"][r["ratio_vs"]],
+      details=r)]
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--which", default="demo,b16",
+                      help="comma-separated: demo (pico/8@48), b16 "
+                           "(B/16@224), so400m (So400m/14@384)")
+  parser.add_argument("--groups", type=int, default=0,
+                      help="global batch in groups of 6 images; 0 = the "
+                           "config's for demo, 2 for b16, 1 for so400m (CPU)")
+  parser.add_argument("--tower", default="",
+                      help="variant@res replacing the config's tower shape")
+  parser.add_argument("--torch_threads", default="",
+                      help="comma-separated torch thread counts to time "
+                           "PyTorch with besides one per core, e.g. 1")
+  common.add_timing_flags(parser, "step")
+  args = parser.parse_args()
+  common.set_torch_threads()
+
+  table, out = [], {"args": vars(args), "configs": {}}
+  for which in args.which.split(","):
+    if which not in CONFIGS:
+      parser.error(f"--which {which!r}: one of {sorted(CONFIGS)}")
+    out["configs"][which] = r = run_one(
+        which, args.groups, args.tower, args.warmup, args.repeats,
+        not args.no_compile,
+        [int(n) for n in args.torch_threads.split(",") if n])
+    name = f"{r['variant']}@{r['res']}, {r['groups']} groups x 6"
+    for impl in r["labels"]:
+      table.append([name, r["labels"][impl],
+                    f"{r[impl]['images_per_s']:.4g}",
+                    f"{1e3 * r[impl]['best_wall_s']:.1f}",
+                    f"{1e3 * r[impl]['median_wall_s']:.1f}",
+                    f"{1e3 * r[impl]['best_cpu_s']:.1f}"])
+    table.append([name, f"**ratio JAX/{r['ratio_vs']}**",
+                  f"**{r['ratio_images_per_s']:.2f}x**", "", "",
+                  f"{r['ratio_cpu']:.2f}x"])
+  notes = common.thread_notes()
+  out["threads"] = notes
+  print(f"\nCPU: {notes['cpu']}, {notes['cores']} cores, 1-min load avg "
+        f"{notes['load_avg_1m']} at the end (shared machine); torch threads "
+        f"{notes['torch_threads']}; XLA_FLAGS={notes['XLA_FLAGS']!r}; "
+        f"best of {args.repeats} interleaved calls after {args.warmup} "
+        "warm-up calls\n")
+  print(common.markdown_table(
+      ["config", "impl", "images/s (best)", "ms/step (best)",
+       "ms/step (median)", "CPU ms/step (best)"], table))
+  if args.json:
+    common.write_json(args.json, out)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,66 @@
+"""The benchmark suite runs end to end, and its FLOP count is XLA's."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from benchmarks.embed_throughput import forward_flops
+from nearid_jax import model as model_lib
+from nearid_jax import vit
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROWS = {"train_demo", "train_b16", "train_so400m", "embed", "eval_embed",
+        "ssr", "eval_retrieval", "retrieval", "input_demo", "cache"}
+
+
+def test_quick_suite_measures_every_row(tmp_path):
+  out = tmp_path / "suite.json"
+  # The real CPU as one device (conftest fakes 8 for the sharding tests).
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  proc = subprocess.run(
+      [sys.executable, "-m", "benchmarks.suite", "--quick", "--json",
+       str(out)], cwd=REPO, env=env, capture_output=True, text=True,
+      timeout=600, check=False)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  result = json.loads(out.read_text())
+  rows = {r["name"]: r for r in result["rows"]}
+  assert set(rows) == ROWS and len(result["rows"]) == len(ROWS)
+  for name, r in rows.items():
+    assert r["rate"] > 0 and r["ms"] > 0, (name, r["impl"])
+    assert r["rate"] == pytest.approx(1e3 * r["count"] / r["ms"])
+    assert f"| {name} |" in proc.stdout  # one table row each
+    if "ref_rate" in r:
+      assert r["ratio"] == pytest.approx(r["rate"] / r["ref_rate"]), name
+    if "gflops" in r:
+      assert r["peak_gflops"] > 0
+      assert r["pct_peak"] == pytest.approx(
+          100 * r["gflops"] / r["peak_gflops"]), name
+  for name in ("train_demo", "train_b16", "train_so400m", "embed"):
+    assert "PyTorch" in rows[name]["ref"], name  # measured in the same run
+  assert {t["row"] for t in result["targets"]} == {
+      "train_demo", "train_so400m", "cache"}
+
+
+@pytest.mark.parametrize("arch", [
+    vit.Arch(1152, 2, 4304, 16, 14, 384),  # So400m/14@384, 2 of 27 blocks
+    vit.Arch(768, 1, 3072, 12, 16, 224),   # B/16@224, 1 of 12 blocks
+], ids=["so400m_shapes", "b16_shapes"])
+def test_forward_flops_match_xla_cost_analysis(arch):
+  """The analytic count behind every "% of peak" agrees with XLA's own.
+
+  XLA also counts the elementwise work (softmax, GELU, LayerNorm) that the
+  analytic count leaves out: a fraction of a percent at these widths.
+  """
+  tower, head = vit.VisionTower(arch, scan=False), vit.NearIDHead(arch)
+  x = jnp.zeros((2, arch.image_size, arch.image_size, 3))
+  tokens = jnp.zeros((2, arch.num_patches, arch.width))
+  key = jax.random.PRNGKey(0)
+  params = {"img": jax.eval_shape(tower.init, key, x)["params"],
+            "head": jax.eval_shape(head.init, key, tokens)["params"]}
+  xla = jax.jit(lambda p, x: model_lib.forward(tower, head, p, x)).lower(
+      params, jax.ShapeDtypeStruct(x.shape, x.dtype)).cost_analysis()["flops"]
+  assert forward_flops(arch, 2) == pytest.approx(xla, rel=0.01)
