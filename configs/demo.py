@@ -4,8 +4,9 @@
                   #       --workdir runs/demo --mode demo
 
 Synthetic NearID-format data (input_pipeline/synthetic.py), a frozen
-`pico/8` tower made from the seed, and the paper's two-tier training of the
-MAP head (nearid_jax/demo.py).
+`pico/8` tower that the demo pretrains once on a disjoint pool of synthetic
+identities (nearid_jax/tower_pretrain.py), and the paper's two-tier training
+of the MAP head (nearid_jax/demo.py).
 """
 import ml_collections
 
@@ -15,14 +16,16 @@ from configs.common import training_config
 def get_config(arg=None):
   del arg
   c = training_config()
-  c.total_steps = 600
+  c.total_steps = 300
   c.warmup_steps = 50
-  c.lr = 3e-3                   # a fresh small head learns faster than R7's
+  c.lr = 1e-2                   # a small head learns faster than R7's (README)
   c.log_every = 50
-  c.eval_every = 200
-  c.ckpt_every = 200
+  c.eval_every = 100
+  c.ckpt_every = 100
 
-  c.model.init = ""             # a random tower from `seed` (README)
+  # "" in --mode demo: <workdir>/pretrained/pico8_48.npz, made from
+  # demo.pretrain (below); the other modes take "" as a random tower.
+  c.model.init = ""
   c.model.variant, c.model.res = "pico/8", 48
   c.model.scan = False
 
@@ -40,4 +43,24 @@ def get_config(arg=None):
   c.demo.identities = 2000
   c.demo.image_res = 64         # generated images; squash-resized to res
   c.demo.mtg_rows = 60
+
+  # The frozen tower's self-supervised warm-up (nearid_jax/tower_pretrain.py);
+  # total_steps = 0 leaves a random tower from `seed`.
+  c.demo.pretrain = ml_collections.ConfigDict()
+  p = c.demo.pretrain
+  p.groups = 2000               # x 2 identities x 2 backgrounds x 2 shots
+  p.image_res = c.demo.get_ref("image_res")
+  p.total_steps = 800
+  p.batch_size = 16             # groups: 64 scenes, 128 images a step
+  p.lr = 2e-3
+  p.wd = 1e-4
+  p.warmup_steps = 50
+  p.grad_clip_norm = 1.0
+  p.temperature = 0.1
+  p.object_weight = 3.0         # the auxiliary object head's loss (dropped)
+  p.log_every = 100
+  # The head trains on the frozen tower's tokens, computed once into
+  # <workdir>/data/cache (nearid_jax/feature_cache.py) unless
+  # input.feature_cache names another folder.
+  c.demo.cache_features = True
   return c

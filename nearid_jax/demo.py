@@ -1,14 +1,18 @@
 """The main job on the embedded default, from data to an exported model.
 
   1. generate the synthetic NearID-format dataset and prepare its ArrayRecord
-  2. make the frozen tower: `pico/8` at the config's seed (see the README
-     on why a random tower suffices here)
-  3. train the MAP head with the two-tier loss; eval at step 0 (baseline),
-     every eval_every steps and at the end, into metrics.jsonl
+  2. make the frozen tower: `pico/8` pretrained once on its own pool of
+     synthetic identities and saved as the run's "pretrained" checkpoint
+     (nearid_jax/tower_pretrain.py; the README says why and how); cache its
+     tokens of every training image (nearid_jax/feature_cache.py)
+  3. train the MAP head with the two-tier loss on the cached tokens; eval at
+     step 0 (baseline), every eval_every steps and at the end, into
+     metrics.jsonl
   4. evaluate the final head: report.json, report.md, plots
   5. export (nearid, hf-siglip) and check the export with transformers
 Each step reuses what a previous run left in the workdir.
 """
+import dataclasses
 import json
 import os
 import time
@@ -17,7 +21,9 @@ import jax
 import numpy as np
 
 from nearid_jax import evaluate
+from nearid_jax import tower_pretrain
 from nearid_jax import train
+from nearid_jax import vit
 from nearid_jax import workdir as workdir_lib
 
 
@@ -40,6 +46,56 @@ def _data(config, workdir):
   return input_pipeline
 
 
+def pretrained_tower(config, workdir):
+  """Points config.model.init at the demo's pretrained tower, made if missing.
+
+  Nothing to do when model.init is set or demo.pretrain.total_steps is 0 (a
+  random tower from the seed). The checkpoint is remade when the pretraining
+  config it was made with differs from this one.
+  """
+  p = config.demo.pretrain
+  if config.model.init or not p.total_steps:
+    return None
+  arch = vit.Arch.from_variant(config.model.variant, config.model.res)
+  name = f"{config.model.variant.replace('/', '')}_{arch.image_size}"
+  path = os.path.join(workdir, "pretrained", name + ".npz")
+  recipe = {"arch": dataclasses.asdict(arch), "seed": config.seed,
+            "resize": config.model.resize, **p.to_dict()}
+  recipe_path = os.path.join(workdir, "pretrained", name + ".json")
+  made = None
+  if os.path.exists(recipe_path):
+    with open(recipe_path) as f:
+      made = json.load(f)
+    made.pop("history", None)
+  if os.path.exists(path) and made == recipe:
+    _log(f"pretrained tower: {path} (made by an earlier run)")
+  else:
+    _log(f"pretraining the {config.model.variant}@{arch.image_size} tower "
+         f"for {p.total_steps} steps (once; saved as {path})")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    _, history = tower_pretrain.make(path, arch, p, config.seed,
+                                     config.model.resize, log=_log)
+    with open(recipe_path, "w") as f:
+      json.dump({**recipe, "history": history}, f, indent=2)
+  config.model.init = path
+  return path
+
+
+def _feature_cache(config, workdir):
+  """Points input.feature_cache at the tower's cached tokens, written once."""
+  if not config.demo.cache_features:
+    return
+  from nearid_jax import feature_cache  # pylint: disable=g-import-not-at-top
+  own = not config.input.feature_cache
+  if own:
+    config.input.feature_cache = os.path.join(workdir, "data", "cache")
+  # A cache of an older tower in the demo's own folder is simply replaced.
+  meta = feature_cache.write(config, config.input.feature_cache,
+                             overwrite=own)
+  _log(f"feature cache: the frozen tower's tokens of {meta['images']} "
+       f"images in {config.input.feature_cache}")
+
+
 def _verify_exports(model, workdir, config, images):
   emb = model.embed(images)
   out = {}
@@ -59,12 +115,24 @@ def _verify_exports(model, workdir, config, images):
 
 def run(config, workdir):
   t0 = time.time()
+  seconds = {}
+
+  def phase(name, start):
+    seconds[name] = round(time.time() - start, 1)
+    return time.time()
+
   os.makedirs(workdir, exist_ok=True)
   workdir_lib.resolve_data_dirs(config, workdir)
   input_pipeline = _data(config, workdir)
+  t = phase("data", t0)
+  tower = pretrained_tower(config, workdir)
+  t = phase("pretrain_tower", t)
+  _feature_cache(config, workdir)
+  t = phase("feature_cache", t)
 
   _log(f"training the MAP head for {config.total_steps} steps")
   _, model = train.train_and_evaluate(config, workdir)
+  t = phase("train_and_eval", t)
 
   report_dir = os.path.join(workdir, "report")
   evaluate.run(config, workdir, report_dir)
@@ -72,11 +140,14 @@ def run(config, workdir):
       config.input, config.eval.split, batch_size=8)))
   exports = _verify_exports(model, workdir, config,
                             batch["views"][:, 0][batch["valid"]])
+  phase("report_and_export", t)
 
   rows = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
   evals = [r for r in rows if "eval/nearid/ssr" in r]
   summary = {
       "seed": config.seed, "seconds": round(time.time() - t0, 1),
+      "seconds_by_phase": seconds,
+      "tower": tower or config.model.init or "random (model.init unset)",
       "ssr_step0": evals[0]["eval/nearid/ssr"] if evals else None,
       "ssr_final": evals[-1]["eval/nearid/ssr"] if evals else None,
       "final_step": evals[-1]["step"] if evals else None,

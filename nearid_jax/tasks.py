@@ -8,6 +8,13 @@ from nearid_jax import workdir as workdir_lib
 from nearid_jax.model import NearID
 
 
+def _resolve(config, workdir):
+  """Data dirs under the workdir; the demo config's own pretrained tower."""
+  workdir_lib.resolve_data_dirs(config, workdir)
+  if "demo" in config:
+    demo_lib.pretrained_tower(config, workdir)
+
+
 def prepare(config, workdir):
   workdir_lib.resolve_data_dirs(config, workdir)
   import input_pipeline  # pylint: disable=g-import-not-at-top
@@ -18,20 +25,20 @@ def prepare(config, workdir):
 def cache(config, workdir):
   """The frozen tower's tokens into config.input.feature_cache, once."""
   from nearid_jax import feature_cache  # pylint: disable=g-import-not-at-top
-  workdir_lib.resolve_data_dirs(config, workdir)
+  _resolve(config, workdir)
   meta = feature_cache.write(config, config.input.feature_cache)
   print(f"feature cache {config.input.feature_cache}: {meta['images']} "
         "images")
 
 
 def train(config, workdir):
-  workdir_lib.resolve_data_dirs(config, workdir)
+  _resolve(config, workdir)
   train_lib.train_and_evaluate(config, workdir)
 
 
 def evaluate(config, workdir):
   from nearid_jax import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
-  workdir_lib.resolve_data_dirs(config, workdir)
+  _resolve(config, workdir)
   evaluate_lib.run(config, workdir, os.path.join(workdir, "eval"))
 
 
@@ -48,7 +55,7 @@ def sweep(config, config_file, root):
   runs = sweep_lib.runs(config, config_file, root)  # all checked up front
   for i, (run_config, workdir) in enumerate(runs):
     print(f"sweep run {i + 1}/{len(runs)}: {workdir}", flush=True)
-    workdir_lib.resolve_data_dirs(run_config, workdir)
+    _resolve(run_config, workdir)
     train_lib.train_and_evaluate(run_config, workdir)
 
 
