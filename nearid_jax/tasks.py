@@ -9,8 +9,13 @@ from nearid_jax.model import NearID
 
 
 def _resolve(config, workdir):
-  """Data dirs under the workdir; the demo config's own pretrained tower."""
+  """Data dirs under the workdir; the demo config's own pretrained tower.
+
+  The config is checked first: a fault is refused before the demo tower's
+  pretraining, the first compute.
+  """
   workdir_lib.resolve_data_dirs(config, workdir)
+  train_lib.check_config(config)
   if "demo" in config:
     demo_lib.pretrained_tower(config, workdir)
 
