@@ -249,10 +249,13 @@ def train_and_evaluate(config, workdir, data_iter=None, evaluate=None):
         state, metrics = train_step(frozen, state, batch)
         end = step == config.total_steps
         preempted = watch.reached(step)
+        log = step % config.log_every == 0 or end or preempted
+        save = step % config.ckpt_every == 0 or end or preempted
+        if log or save:
+          skipped = check_finite(state)  # never log or save past a bad step
 
-        if step % config.log_every == 0 or end or preempted:
+        if log:
           metrics = jax.device_get(metrics)  # the loop's only regular sync
-          skipped = check_finite(state)
           dt = time.time() - t0
           rate = (step - last) / dt
           writer.write(step, {**metrics, "train/skipped_updates": skipped,
@@ -265,8 +268,7 @@ def train_and_evaluate(config, workdir, data_iter=None, evaluate=None):
                + (f" | {skipped} updates skipped" if skipped else ""))
           t0, last = time.time(), step
 
-        if step % config.ckpt_every == 0 or end or preempted:
-          check_finite(state)  # never save past a non-finite step
+        if save:
           checkpointing.save(mngr, step, state, data_iter, force=preempted)
         if preempted:
           mngr.wait_until_finished()
