@@ -52,6 +52,7 @@ from nearid_jax import feature_cache
 from nearid_jax import preprocess
 from nearid_jax import sharding
 from nearid_jax import train
+from nearid_jax import xla_flags
 from nearid_jax.model import frozen_tokens
 
 SLOTS = 6
@@ -126,7 +127,8 @@ def run(args):
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (args.images, res, res, 3), np.uint8)
   forward = jax.jit(lambda p, x: frozen_tokens(model.tower, p,
-                                               preprocess.scale(x)))
+                                               preprocess.scale(x)),
+                    compiler_options=xla_flags.tower_options(model.arch))
 
   with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
     rows = 2 * args.step_groups

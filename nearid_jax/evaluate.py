@@ -35,6 +35,7 @@ from nearid_jax import retrieval
 from nearid_jax import sharding
 from nearid_jax import vit
 from nearid_jax import workdir as workdir_lib
+from nearid_jax import xla_flags
 from nearid_jax.model import NearID
 
 # The sources SPEC.md §5 pools (FluxC and FluxC_1024 are left out).
@@ -75,17 +76,20 @@ def head_module(arch, head_params):
   return vit.NearIDHead(arch, proj["kernel"].shape[1] if proj else None)
 
 
-@functools.partial(jax.jit, static_argnames=("tower", "arch", "mesh"))
-def _embed(tower_params, heads, images, *, tower, arch, mesh):
-  lead = images.shape[:-3]
-  x = preprocess.scale(images.reshape((-1,) + images.shape[-3:]))
-  tokens = tower.apply({"params": tower_params}, x.astype(tower.dtype))
-  out = {name: head_module(arch, h).apply({"params": h}, tokens)
-         for name, h in heads.items()}
-  # Replicated, so that every process reads every row.
-  return jax.lax.with_sharding_constraint(
-      {k: v.reshape(lead + v.shape[-1:]) for k, v in out.items()},
-      NamedSharding(mesh, P()))
+@functools.lru_cache
+def _embed_fn(tower, arch, mesh):
+  """The jitted embed of one tower on one mesh (compiled per input shape)."""
+  def embed(tower_params, heads, images):
+    lead = images.shape[:-3]
+    x = preprocess.scale(images.reshape((-1,) + images.shape[-3:]))
+    tokens = tower.apply({"params": tower_params}, x.astype(tower.dtype))
+    out = {name: head_module(arch, h).apply({"params": h}, tokens)
+           for name, h in heads.items()}
+    # Replicated, so that every process reads every row.
+    return jax.lax.with_sharding_constraint(
+        {k: v.reshape(lead + v.shape[-1:]) for k, v in out.items()},
+        NamedSharding(mesh, P()))
+  return jax.jit(embed, compiler_options=xla_flags.tower_options(arch))
 
 
 class Embedder:
@@ -113,9 +117,8 @@ class Embedder:
     Returns device arrays of the global batch B (all processes' rows).
     """
     images = sharding.global_batch(np.asarray(images), self.mesh)
-    return _embed(self.tower_params, self.heads, images,
-                  tower=self.model.tower, arch=self.model.arch,
-                  mesh=self.mesh)
+    return _embed_fn(self.model.tower, self.model.arch, self.mesh)(
+        self.tower_params, self.heads, images)
 
 
 def check_head(model, head_params, what):

@@ -63,6 +63,7 @@ from input_pipeline import tfds_builders
 from nearid_jax import preprocess
 from nearid_jax import sharding
 from nearid_jax import vit
+from nearid_jax import xla_flags
 from nearid_jax.model import frozen_tokens
 from nearid_jax.model import HEAD_KEYS
 
@@ -301,7 +302,8 @@ def write(config, out_dir, *, model=None, mesh=None, batch_size=None,
     return tokens.astype(jnp.bfloat16), jnp.any(more)
 
   forward = jax.jit(forward, in_shardings=(tower_spec, batch_spec, batch_spec),
-                    out_shardings=(batch_spec, sharding.replicated(mesh)))
+                    out_shardings=(batch_spec, sharding.replicated(mesh)),
+                    compiler_options=xla_flags.tower_options(model.arch))
   spec = P(sharding.DATA)
   to_global = lambda x: multihost_utils.host_local_array_to_global_array(
       x, mesh, spec)

@@ -9,6 +9,7 @@ import numpy as np
 
 from nearid_jax import preprocess
 from nearid_jax import vit
+from nearid_jax import xla_flags
 from nearid_jax.formats import bigvision
 from nearid_jax.formats import common
 from nearid_jax.formats import hf
@@ -74,7 +75,8 @@ class NearID:
                                  dtype=DTYPES[dtype])
     self.head = vit.NearIDHead(arch, out_dim)
     self.params = params
-    self._forward = jax.jit(lambda p, x: forward(self.tower, self.head, p, x))
+    self._forward = jax.jit(lambda p, x: forward(self.tower, self.head, p, x),
+                            compiler_options=xla_flags.tower_options(arch))
 
   @classmethod
   def load(cls, path, *, image_size=None, out_dim=None, seed=0, **kw):

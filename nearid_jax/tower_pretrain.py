@@ -44,6 +44,7 @@ from nearid_jax import losses
 from nearid_jax import optim
 from nearid_jax import preprocess
 from nearid_jax import vit
+from nearid_jax import xla_flags
 from nearid_jax.formats import bigvision
 from nearid_jax.formats import common
 
@@ -148,7 +149,8 @@ def pretrain(arch, pool, cfg, seed, log=print):
     return objective(tower, head, params, images, cfg.temperature,
                      cfg.object_weight)
 
-  @jax.jit
+  @functools.partial(jax.jit,
+                     compiler_options=xla_flags.tower_options(arch))
   def step(params, opt_state, images):
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params,
                                                                   images)

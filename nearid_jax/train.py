@@ -22,6 +22,7 @@ from nearid_jax import preemption
 from nearid_jax import preprocess
 from nearid_jax import sharding
 from nearid_jax import vit
+from nearid_jax import xla_flags
 from nearid_jax.metric_writer import MetricWriter
 from nearid_jax.model import frozen_tokens
 from nearid_jax.model import NearID
@@ -145,14 +146,14 @@ def make_train_step(model, tx, config):
   return step
 
 
-def jit_train_step(step, mesh, frozen, state):
+def jit_train_step(step, mesh, frozen, arch):
   """One jit with explicit shardings ("pjit"); the state's buffers donated."""
   return jax.jit(
       step,
       in_shardings=(sharding.weight_shardings(mesh, frozen),
                     sharding.replicated(mesh), sharding.batch_sharding(mesh)),
       out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)),
-      donate_argnums=(1,))
+      donate_argnums=(1,), compiler_options=xla_flags.tower_options(arch))
 
 
 def setup(config, mesh):
@@ -162,7 +163,8 @@ def setup(config, mesh):
   frozen = jax.device_put(model.params["img"],
                           sharding.weight_shardings(mesh, model.params["img"]))
   state = jax.device_put(state, sharding.replicated(mesh))
-  step = jit_train_step(make_train_step(model, tx, config), mesh, frozen, state)
+  step = jit_train_step(make_train_step(model, tx, config), mesh, frozen,
+                        model.arch)
   return model, frozen, state, step
 
 

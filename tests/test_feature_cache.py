@@ -190,7 +190,7 @@ def test_head_steps_on_cache_match_steps_on_images(data):
       mesh, model.params["img"]))
   state, tx = train.create_train_state(config, model.params["head"])
   step = train.jit_train_step(train.make_train_step(model, tx, config), mesh,
-                              frozen, state)
+                              frozen, model.arch)
 
   def run(batches):
     state, _ = train.create_train_state(config, model.params["head"])

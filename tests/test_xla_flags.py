@@ -1,0 +1,91 @@
+"""nearid_jax's XLA:CPU settings: added at import, never over the user's."""
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import configs.demo
+from nearid_jax import train
+from nearid_jax import vit
+from nearid_jax import xla_flags
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_FLAG = "--xla_cpu_experimental_ynn_fusion_type="
+_PICO = vit.Arch.from_variant("pico/8@48")
+
+
+def test_defaults_are_appended_and_user_flags_kept():
+  env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  xla_flags.add_defaults(env)
+  assert env["XLA_FLAGS"] == ("--xla_force_host_platform_device_count=8 "
+                              + _FLAG)
+  xla_flags.add_defaults(env)  # idempotent
+  assert env["XLA_FLAGS"].count("ynn_fusion_type") == 1
+
+  mine = {"XLA_FLAGS": _FLAG + "eltwise"}
+  xla_flags.add_defaults(mine)
+  assert mine["XLA_FLAGS"] == _FLAG + "eltwise"
+
+  empty = {}
+  xla_flags.add_defaults(empty)
+  assert empty["XLA_FLAGS"] == _FLAG
+
+
+def test_tower_options_only_for_narrow_towers_and_never_over_the_user():
+  ynn_dots = {"xla_cpu_experimental_ynn_fusion_type":
+              "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+  ours = {"XLA_FLAGS": _FLAG}
+  assert xla_flags.tower_options(_PICO, ours) == ynn_dots
+  assert xla_flags.tower_options(vit.Arch.from_variant("B/16@224"),
+                                 ours) is None
+  assert xla_flags.tower_options(_PICO, {"XLA_FLAGS": _FLAG + "dot"}) is None
+
+
+_PROBE = """
+import re, sys
+import jax, jax.numpy as jnp
+if sys.argv[1] == "import":
+  import nearid_jax
+txt = jax.jit(lambda x: jax.nn.softmax(x @ x) * 3).lower(
+    jnp.ones((64, 64))).compile().as_text()
+print(txt.count('"kind":"__ynn_fusion"'))
+"""
+
+
+def _ynn_fusions(mode):
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env["PYTHONPATH"] = _ROOT
+  out = subprocess.run([sys.executable, "-c", _PROBE, mode], env=env,
+                       check=True, capture_output=True, text=True)
+  return int(out.stdout)
+
+
+def test_importing_nearid_jax_turns_ynnpack_fusions_off():
+  # jaxlib's default puts the dot and the softmax in a YNNPACK subgraph.
+  assert _ynn_fusions("plain") >= 1
+  assert _ynn_fusions("import") == 0
+
+
+def _compiled_ynn_fusions(variant, res):
+  """YNNPACK fusions in the compiled train step of a random `variant` tower."""
+  config = configs.demo.get_config()
+  config.model.variant, config.model.res = variant, res
+  config.input.batch_size = 8
+  mesh = train.check_config(config)
+  _, frozen, state, step = train.setup(config, mesh)
+  b = config.input.batch_size
+  batch = {"views": jnp.zeros((b, 3, res, res, 3), jnp.uint8),
+           "view_mask": jnp.ones((b, 3), bool),
+           "distractors": jnp.zeros((b, 3, res, res, 3), jnp.uint8),
+           "distractor_mask": jnp.ones((b, 3), bool)}
+  txt = step.lower(frozen, state, batch).compile().as_text()
+  return txt.count('"kind":"__ynn_fusion"')
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU only")
+def test_only_a_pico_towers_train_step_takes_ynnpack_dots():
+  assert _compiled_ynn_fusions("pico/8", 48) > 0
+  assert _compiled_ynn_fusions("Ti/16", 32) == 0
