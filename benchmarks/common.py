@@ -20,7 +20,7 @@ import torch
 MATMUL_N = 2048
 
 
-def time_calls(fns, *, warmup=2, repeats=5):
+def time_calls(fns, *, warmup=2, repeats=5, settle=0):
   """Times callables: {name: fn} -> {name: {"wall_s": [...], "cpu_s": [...]}}.
 
   Each fn takes no argument and must return only when its work is done (block
@@ -29,6 +29,12 @@ def time_calls(fns, *, warmup=2, repeats=5):
   instead of whichever happened to be running then. cpu_s is this process's
   CPU time (all threads) per call: unlike wall time it barely moves with the
   neighbours' load, but it also counts threads that spin while they wait.
+
+  settle: untimed calls of each fn right before each of its timed ones. Use
+  1 for calls of tens of milliseconds: PyTorch's OpenMP workers spin for a
+  while after returning, and that spinning lands on whatever runs next on
+  the same cores (measured: the demo's JAX step 23% slower right after a
+  PyTorch step than after its own; benchmarks/README.md).
   """
   for fn in fns.values():
     for _ in range(warmup):
@@ -36,6 +42,8 @@ def time_calls(fns, *, warmup=2, repeats=5):
   times = {name: {"wall_s": [], "cpu_s": []} for name in fns}
   for _ in range(repeats):
     for name, fn in fns.items():
+      for _ in range(settle):
+        fn()
       wall, cpu = time.perf_counter(), time.process_time()
       fn()
       times[name]["cpu_s"].append(time.process_time() - cpu)
@@ -73,7 +81,7 @@ def matmul_calls(n=MATMUL_N):
           "torch.mm": lambda: torch.mm(ta, tb)}
 
 
-def time_with_peak(fns, *, warmup, repeats):
+def time_with_peak(fns, *, warmup, repeats, settle=0):
   """time_calls of `fns` with matmul_calls interleaved -> (times, peaks).
 
   The matmuls run after every call under test, so even a single round
@@ -81,7 +89,7 @@ def time_with_peak(fns, *, warmup, repeats):
   (peak_flops(times), peak_flops(times, "cpu_s")). warmup: untimed rounds
   of `fns` (0 when their first call was made already, e.g. to check
   results); the matmuls get one of their own first. Their size is MATMUL_N
-  at the time of the call.
+  at the time of the call. settle: as time_calls'.
   """
   n = MATMUL_N
   matmuls = matmul_calls(n)
@@ -91,7 +99,7 @@ def time_with_peak(fns, *, warmup, repeats):
   for name, fn in fns.items():
     calls[name] = fn
     calls.update({f"{m} after {name}": call for m, call in matmuls.items()})
-  times = time_calls(calls, warmup=warmup, repeats=repeats)
+  times = time_calls(calls, warmup=warmup, repeats=repeats, settle=settle)
   return times, (peak_flops(times, n=n), peak_flops(times, "cpu_s", n))
 
 

@@ -19,7 +19,8 @@ batches shaped like the input pipeline's put on the mesh with
 The PyTorch step does the same work on the same weights: our model exported
 with `NearID.export(format="hf-siglip")` and read by
 `transformers.SiglipVisionModel`; the tower runs under `torch.no_grad()`
-(frozen) on the batch's 6B images scaled to [-1, 1], the MAP head
+(frozen) on the batch's 6B images scaled to [-1, 1] (with `use_head` off:
+the model's own pooled output is not needed), the MAP head
 (`model.head`, trainable) on its last_hidden_state, L2 normalisation, the
 two-tier loss (`two_tier_torch`, checked against ours on the first batch),
 backward, gradient-norm clip 1.0 and a `torch.optim.AdamW` step. The head +
@@ -30,6 +31,9 @@ thread per core and, with --torch_threads, on other counts too: the small
 ops of the demo's tower run faster on one thread when the machine is busy.
 The ratio is against PyTorch's fastest variant. --tower swaps in another
 tower shape with the config's other settings (smoke runs of the suite).
+--settle (default 1) makes an untimed call of each step right before each
+timed one (common.time_calls: PyTorch's OpenMP workers keep spinning after
+a step and would slow whatever is timed next).
 """
 import argparse
 import os
@@ -131,6 +135,7 @@ def torch_steps(vision, config, batch, try_compile):
   pos_mask = torch.from_numpy(batch["view_mask"][:, 1:].copy())
   neg_mask = torch.from_numpy(batch["distractor_mask"].copy())
   head = vision.head
+  vision.use_head = False  # the tower pass needs only last_hidden_state
   for p in vision.parameters():
     p.requires_grad_(False)
   for p in head.parameters():
@@ -185,12 +190,13 @@ def _threads(n):
 
 
 def run_one(which, groups=0, tower="", warmup=2, repeats=5, try_compile=True,
-            torch_threads=()):
+            torch_threads=(), settle=1):
   """Builds both steps for one config, checks the loss, times; -> results.
 
   groups: 0 = CPU_GROUPS[which]; tower: see make_config; torch_threads: other
   torch thread counts to time each PyTorch step with too (small steps can run
-  faster on fewer threads, most of all on a loaded machine).
+  faster on fewer threads, most of all on a loaded machine); settle: see
+  common.time_calls.
   """
   config = make_config(which, groups or CPU_GROUPS[which], tower)
   m = config.model
@@ -235,7 +241,7 @@ def run_one(which, groups=0, tower="", warmup=2, repeats=5, try_compile=True,
 
   calls = {"jax": jax_call, **tcalls}
   times, peaks = common.time_with_peak(calls, warmup=max(warmup - 1, 0),
-                                       repeats=repeats)
+                                       repeats=repeats, settle=settle)
   peak = peaks[0]
   arch = vit.Arch.from_variant(m.variant, m.res)
   flops = forward_flops(arch, b * SLOTS)
@@ -246,7 +252,7 @@ def run_one(which, groups=0, tower="", warmup=2, repeats=5, try_compile=True,
        "loss_rel_diff": rel, "jax_first_call_s": jit_s,
        "forward_flops_per_step": flops, "peak_flops": peak,
        "peak_flops_per_cpu_s": peaks[1], "warmup": warmup,
-       "repeats": repeats,
+       "repeats": repeats, "settle": settle,
        "torch_threads": [torch.get_num_threads(), *torch_threads],
        "labels": {"jax": f"JAX train.setup step (jit, mesh "
                          f"{dict(mesh.shape)})", **labels}}
@@ -299,6 +305,8 @@ def main():
   parser.add_argument("--torch_threads", default="",
                       help="comma-separated torch thread counts to time "
                            "PyTorch with besides one per core, e.g. 1")
+  parser.add_argument("--settle", type=int, default=1,
+                      help="untimed calls of each step before each timed one")
   common.add_timing_flags(parser, "step")
   args = parser.parse_args()
   common.set_torch_threads()
@@ -310,7 +318,7 @@ def main():
     out["configs"][which] = r = run_one(
         which, args.groups, args.tower, args.warmup, args.repeats,
         not args.no_compile,
-        [int(n) for n in args.torch_threads.split(",") if n])
+        [int(n) for n in args.torch_threads.split(",") if n], args.settle)
     name = f"{r['variant']}@{r['res']}, {r['groups']} groups x 6"
     for impl in r["labels"]:
       table.append([name, r["labels"][impl],
@@ -327,7 +335,7 @@ def main():
         f"{notes['load_avg_1m']} at the end (shared machine); torch threads "
         f"{notes['torch_threads']}; XLA_FLAGS={notes['XLA_FLAGS']!r}; "
         f"best of {args.repeats} interleaved calls after {args.warmup} "
-        "warm-up calls\n")
+        f"warm-up calls, each after {args.settle} untimed call(s)\n")
   print(common.markdown_table(
       ["config", "impl", "images/s (best)", "ms/step (best)",
        "ms/step (median)", "CPU ms/step (best)"], table))
