@@ -59,6 +59,11 @@ def forward_flops(arch, batch, heads=1):
       k and v projections of the tokens:   2 * 2 * N * D^2
       scores and weighted sum:             2 * 2 * N * D
       MLP on the probe:                    2 * 2 * D * M
+
+  This is the model's textbook count, the same for every implementation:
+  our MAP head folds the k and v projections into the probe (vit.
+  ProbeAttention), 4 N D H FLOPs (H heads) in place of their 4 N D^2, which
+  are under 1% of So400m/14@384's count and 6% of the demo tower's.
   """
   n, d, m, p = arch.num_patches, arch.width, arch.mlp_dim, arch.patch_size
   embed = 2 * n * 3 * p * p * d

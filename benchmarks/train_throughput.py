@@ -3,7 +3,7 @@
 Run from the repository root, e.g.
 
   .venv/bin/python -m benchmarks.train_throughput --which demo \
-      [--torch_threads 1] [--json out.json]
+      [--torch_threads 1] [--cached] [--json out.json]
   .venv/bin/python -m benchmarks.train_throughput --which b16 --groups 2
   .venv/bin/python -m benchmarks.train_throughput --which so400m --groups 1 \
       --warmup 1 --repeats 1 --no-compile
@@ -31,6 +31,9 @@ thread per core and, with --torch_threads, on other counts too: the small
 ops of the demo's tower run faster on one thread when the machine is busy.
 The ratio is against PyTorch's fastest variant. --tower swaps in another
 tower shape with the config's other settings (smoke runs of the suite).
+--cached times the step the demo trains with: the head on the batch's
+tower tokens rounded to bf16, as the feature cache serves them, in both
+libraries (no tower pass; PyTorch reads them widened to float32).
 --settle (default 1) makes an untimed call of each step right before each
 timed one (common.time_calls: PyTorch's OpenMP workers keep spinning after
 a step and would slow whatever is timed next).
@@ -41,6 +44,7 @@ import tempfile
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import torch
 import transformers
@@ -121,12 +125,14 @@ def two_tier_torch(anchor, positives, negatives, pos_mask, neg_mask,
   return l1 + alpha * l2
 
 
-def torch_steps(vision, config, batch, try_compile):
+def torch_steps(vision, config, batch, try_compile, tokens=None):
   """PyTorch train steps -> ({name: step() -> loss}, {name: label}, note).
 
   "torch" is eager; "torch_compile" (when it compiles) has the head + loss
   part torch.compile'd, the tower staying eager under no_grad. Both update
   the same head with the same optimizer: the same work on every call.
+  tokens: (6B, N, D) float32 tower tokens (the feature cache's, widened from
+  bf16); given, the steps train the head on them and skip the tower.
   """
   # Same slot order as our step: 3 views then 3 distractors per group.
   images = np.concatenate([batch["views"], batch["distractors"]], axis=1)
@@ -150,11 +156,15 @@ def torch_steps(vision, config, batch, try_compile):
     return two_tier_torch(emb[:, 0], emb[:, 1:3], emb[:, 3:], pos_mask,
                           neg_mask, tau, alpha)
 
+  def frozen_tokens():
+    if tokens is not None:
+      return tokens
+    with torch.no_grad():
+      return vision(pixel_values=x).last_hidden_state
+
   def make(fn):
     def step():
-      with torch.no_grad():
-        tokens = vision(pixel_values=x).last_hidden_state
-      loss = fn(tokens)
+      loss = fn(frozen_tokens())
       opt.zero_grad(set_to_none=True)
       loss.backward()
       torch.nn.utils.clip_grad_norm_(head.parameters(), config.grad_clip_norm)
@@ -169,10 +179,9 @@ def torch_steps(vision, config, batch, try_compile):
     return calls, labels, "not tried (--no-compile)"
   compiled = torch.compile(head_loss)
   try:
-    with torch.no_grad():
-      tokens = vision(pixel_values=x).last_hidden_state
+    first = frozen_tokens()
     start = time.perf_counter()
-    compiled(tokens).backward()  # compiles forward and backward
+    compiled(first).backward()  # compiles forward and backward
     opt.zero_grad(set_to_none=True)
   except Exception as e:  # pylint: disable=broad-except
     opt.zero_grad(set_to_none=True)
@@ -180,23 +189,36 @@ def torch_steps(vision, config, batch, try_compile):
                            f"{str(e).splitlines()[0]}); eager only")
   calls["torch_compile"] = make(compiled)
   labels["torch_compile"] = "PyTorch, head + loss torch.compile"
-  return calls, labels, (f"used on head + loss (inductor; tower eager under "
-                         f"no_grad); compile took "
-                         f"{time.perf_counter() - start:.0f} s")
+  tower = "no tower: cached tokens" if tokens is not None else (
+      "tower eager under no_grad")
+  return calls, labels, (f"used on head + loss (inductor; {tower}); compile "
+                         f"took {time.perf_counter() - start:.0f} s")
 
 
 def _threads(n):
   return f"{n} thread{'s' if n > 1 else ''}"
 
 
+def cached_batch(model, frozen, batch, mesh):
+  """`batch` as the feature cache serves it: the tower's tokens, in bf16."""
+  tokens = jax.jit(train.group_tokens, static_argnums=0)(model, frozen, batch)
+  tokens = np.asarray(jax.device_get(tokens).astype(jnp.bfloat16))
+  host = {"tokens": tokens.reshape(batch["view_mask"].shape[:1] + (SLOTS,)
+                                   + tokens.shape[1:]),
+          "view_mask": np.asarray(batch["view_mask"]),
+          "distractor_mask": np.asarray(batch["distractor_mask"])}
+  return sharding.global_batch(host, mesh), tokens
+
+
 def run_one(which, groups=0, tower="", warmup=2, repeats=5, try_compile=True,
-            torch_threads=(), settle=1):
+            torch_threads=(), settle=1, cached=False):
   """Builds both steps for one config, checks the loss, times; -> results.
 
   groups: 0 = CPU_GROUPS[which]; tower: see make_config; torch_threads: other
   torch thread counts to time each PyTorch step with too (small steps can run
   faster on fewer threads, most of all on a loaded machine); settle: see
-  common.time_calls.
+  common.time_calls; cached: both steps train the head on the batch's
+  tokens rounded to bf16, as from the feature cache (no tower pass).
   """
   config = make_config(which, groups or CPU_GROUPS[which], tower)
   m = config.model
@@ -212,8 +234,12 @@ def run_one(which, groups=0, tower="", warmup=2, repeats=5, try_compile=True,
   with tempfile.TemporaryDirectory() as tmp:
     hf_dir = model.export(os.path.join(tmp, "hf"), format="hf-siglip")
     vision = transformers.SiglipVisionModel.from_pretrained(hf_dir).eval()
+  tokens = None
+  if cached:
+    jbatch, tokens = cached_batch(model, frozen, jbatch, mesh)
+    tokens = torch.from_numpy(tokens.astype(np.float32))
   tcalls, labels, compile_note = torch_steps(vision, config, batch,
-                                             try_compile)
+                                             try_compile, tokens)
   print(f"torch.compile: {compile_note}", flush=True)
   for name in list(tcalls):
     for n in torch_threads:
@@ -244,8 +270,10 @@ def run_one(which, groups=0, tower="", warmup=2, repeats=5, try_compile=True,
                                        repeats=repeats, settle=settle)
   peak = peaks[0]
   arch = vit.Arch.from_variant(m.variant, m.res)
-  flops = forward_flops(arch, b * SLOTS)
-  r = {"which": which, "variant": m.variant, "res": m.res, "groups": b,
+  # No FLOP/s for the cached step: a few small ops, not matmul-bound.
+  flops = None if cached else forward_flops(arch, b * SLOTS)
+  r = {"which": which, "cached": cached, "variant": m.variant, "res": m.res,
+       "groups": b,
        "reduced_for_cpu": reduced, "images_per_step": b * SLOTS,
        "scan": model.scan, "mesh": dict(mesh.shape),
        "torch_compile": compile_note, "loss_jax": ours, "loss_torch": theirs,
@@ -259,18 +287,20 @@ def run_one(which, groups=0, tower="", warmup=2, repeats=5, try_compile=True,
   for impl in calls:
     s = common.summarize(times[impl])
     s["images_per_s"] = b * SLOTS / s["best_wall_s"]
-    s["pct_of_peak_fwd"] = 100 * flops / s["best_wall_s"] / peak["peak"]
+    if flops:
+      s["pct_of_peak_fwd"] = 100 * flops / s["best_wall_s"] / peak["peak"]
     r[impl] = s
   # Against PyTorch's faster variant: the target is about the best it does.
   best = common.best_of(r, tcalls)
   r["ratio_vs"] = best
   r["ratio_images_per_s"] = r["jax"]["images_per_s"] / r[best]["images_per_s"]
   r["ratio_cpu"] = r[best]["best_cpu_s"] / r["jax"]["best_cpu_s"]
-  print(f"forward {flops / 1e9:.1f} GFLOP/step (analytic, backward of the "
-        f"head not counted); matmul peak {peak['peak'] / 1e9:.1f} GFLOP/s; "
-        "reached: "
-        + ", ".join(f"{k} {r[k]['pct_of_peak_fwd']:.0f}%" for k in calls)
-        + " of it", flush=True)
+  if flops:
+    print(f"forward {flops / 1e9:.1f} GFLOP/step (analytic, backward of the "
+          f"head not counted); matmul peak {peak['peak'] / 1e9:.1f} GFLOP/s; "
+          "reached: "
+          + ", ".join(f"{k} {r[k]['pct_of_peak_fwd']:.0f}%" for k in calls)
+          + " of it", flush=True)
   for impl in calls:
     print(f"{impl}: wall s/step {r[impl]['all_wall_s']}", flush=True)
   return r
@@ -282,9 +312,14 @@ def rows(which, **kw):
   batch = (f"{r['groups']} groups x {SLOTS} = {r['images_per_step']} images"
            + (" (reduced for CPU)" if r["reduced_for_cpu"] else
               " (the config's)"))
+  tower = (f"{r['variant']}@{r['res']}, {batch}, float32, "
+           f"{'scanned' if r['scan'] else 'unrolled'} blocks")
+  if r["cached"]:
+    tower = (f"head on the cached bf16 tokens of {r['variant']}@{r['res']}, "
+             f"{batch}")
   return [common.suite_row(
-      f"train_{which}", f"{r['variant']}@{r['res']}, {batch}, float32, "
-      f"{'scanned' if r['scan'] else 'unrolled'} blocks", r["labels"]["jax"],
+      f"train_{which}" + ("_cached" if r["cached"] else ""), tower,
+      r["labels"]["jax"],
       "img/s", r["images_per_step"], r["jax"],
       flops=r["forward_flops_per_step"],
       peaks=(r["peak_flops"], r["peak_flops_per_cpu_s"]),
@@ -307,6 +342,9 @@ def main():
                            "PyTorch with besides one per core, e.g. 1")
   parser.add_argument("--settle", type=int, default=1,
                       help="untimed calls of each step before each timed one")
+  parser.add_argument("--cached", action="store_true",
+                      help="train the head on bf16 tokens, as from the "
+                           "feature cache (both libraries skip the tower)")
   common.add_timing_flags(parser, "step")
   args = parser.parse_args()
   common.set_torch_threads()
@@ -318,7 +356,8 @@ def main():
     out["configs"][which] = r = run_one(
         which, args.groups, args.tower, args.warmup, args.repeats,
         not args.no_compile,
-        [int(n) for n in args.torch_threads.split(",") if n], args.settle)
+        [int(n) for n in args.torch_threads.split(",") if n], args.settle,
+        args.cached)
     name = f"{r['variant']}@{r['res']}, {r['groups']} groups x 6"
     for impl in r["labels"]:
       table.append([name, r["labels"][impl],

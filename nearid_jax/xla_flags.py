@@ -14,7 +14,9 @@ YNNPACK dots, B/16@224 equal, the pico demo step ~20% slower.
 
 XLA reads XLA_FLAGS once, when JAX starts its backend: import nearid_jax
 before running any JAX code for the defaults to apply. A flag the user
-already put in XLA_FLAGS is left as it is. On TPU and GPU neither applies.
+already put in XLA_FLAGS is left as it is; NEARID_XLA_DEFAULTS=0 in the
+environment leaves XLA_FLAGS and every jit to jaxlib's defaults. On TPU and
+GPU neither setting applies.
 """
 import os
 
@@ -33,8 +35,14 @@ def _given(environ):
   return {name: value for name, _, value in pairs}
 
 
+def _enabled(environ):
+  return environ.get("NEARID_XLA_DEFAULTS", "1") != "0"
+
+
 def add_defaults(environ=os.environ):
   """Appends DEFAULTS to environ["XLA_FLAGS"], except names already there."""
+  if not _enabled(environ):
+    return
   given = _given(environ)
   extra = [f"--{k}={v}" for k, v in DEFAULTS.items() if k not in given]
   if extra:
@@ -46,9 +54,10 @@ def tower_options(arch, environ=os.environ):
   """jax.jit compiler_options for computations that run `arch`'s tower.
 
   None (XLA_FLAGS decides) off the CPU, for towers wider than
-  YNN_DOTS_MAX_WIDTH, and when the user's XLA_FLAGS chose YNNPACK fusions.
+  YNN_DOTS_MAX_WIDTH, when the user's XLA_FLAGS chose YNNPACK fusions and
+  with NEARID_XLA_DEFAULTS=0.
   """
-  if (arch.width > YNN_DOTS_MAX_WIDTH
+  if (not _enabled(environ) or arch.width > YNN_DOTS_MAX_WIDTH
       or _given(environ).get(_YNN, DEFAULTS[_YNN]) != DEFAULTS[_YNN]
       or jax.default_backend() != "cpu"):
     return None

@@ -33,6 +33,10 @@ def test_defaults_are_appended_and_user_flags_kept():
   xla_flags.add_defaults(empty)
   assert empty["XLA_FLAGS"] == _FLAG
 
+  off = {"NEARID_XLA_DEFAULTS": "0", "XLA_FLAGS": "--xla_dump_to=/tmp/x"}
+  xla_flags.add_defaults(off)
+  assert off["XLA_FLAGS"] == "--xla_dump_to=/tmp/x"
+
 
 def test_tower_options_only_for_narrow_towers_and_never_over_the_user():
   ynn_dots = {"xla_cpu_experimental_ynn_fusion_type":
@@ -42,6 +46,8 @@ def test_tower_options_only_for_narrow_towers_and_never_over_the_user():
   assert xla_flags.tower_options(vit.Arch.from_variant("B/16@224"),
                                  ours) is None
   assert xla_flags.tower_options(_PICO, {"XLA_FLAGS": _FLAG + "dot"}) is None
+  assert xla_flags.tower_options(
+      _PICO, {"XLA_FLAGS": _FLAG, "NEARID_XLA_DEFAULTS": "0"}) is None
 
 
 _PROBE = """
