@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from nearid_jax import xla_flags
+
 # Exact float32 dot products on every backend: TPUs and GPUs would otherwise
 # round inputs to bf16/tf32 and reorder near-equal scores.
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -116,7 +118,7 @@ def _merge_topk(scores, ids, k):
   return scores, jnp.take_along_axis(ids, pos, axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=("k", "block", "mesh", "axes"))
+@xla_flags.jit_ynn_dots(static_argnames=("k", "block", "mesh", "axes"))
 def _topk(queries, gallery, *, k, block, mesh, axes):
   n_valid = gallery.shape[0]
 
@@ -169,7 +171,7 @@ def topk(queries, gallery, k, *, block=1024, mesh=None, axes=None):
                axes=axes)
 
 
-@functools.partial(jax.jit, static_argnames=("block", "mesh", "axes"))
+@xla_flags.jit_ynn_dots(static_argnames=("block", "mesh", "axes"))
 def _positive_ranks(queries, gallery, self_index, pos_index, pos_mask, *,
                     block, mesh, axes):
   """1-based rank of each positive among all gallery items but the query.

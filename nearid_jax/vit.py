@@ -111,8 +111,8 @@ def _attention(query, key, value, dtype=None):
   keys-major, (B, H, Nk, Nq), so the softmax reduces over a non-minor axis
   (vectorised across queries, not over a row of Nk) and is normalised after
   the value matmul, one pass over the weights fewer. On 2 CPU cores the demo
-  tower (36 tokens) runs ~15% faster than in the (B, H, Nq, Nk) layout
-  (benchmarks/README.md).
+  tower (36 tokens, batch 192) took 15.4 ms against 16.7 ms in the
+  (B, H, Nq, Nk) layout, both timed in one process.
   """
   q = query * jax.lax.rsqrt(jnp.float32(query.shape[-1])).astype(query.dtype)
   s = jnp.einsum("bkhd,bqhd->bhkq", key, q)

@@ -7,10 +7,13 @@ and Eigen's matmuls, so nearid_jax turns them off process-wide (DEFAULTS,
 added to XLA_FLAGS when nearid_jax is imported). One exception, per jit: on
 the tiny dots of the narrowest towers (head_dim 16, 36 tokens: the demo's
 pico tower) YNNPACK's dot kernels are about twice as fast as Eigen's, so
-computations running such a tower ask for them (tower_options). Measured
-forwards and train steps, both settings in one process, on 2 cores
-(benchmarks/README.md): So400m/14@384 and Ti/16@224 ~30% faster than with
-YNNPACK dots, B/16@224 equal, the pico demo step ~20% slower.
+computations running such a tower ask for them (tower_options), and so do
+the retrieval kernels, whose (256 x 1152) @ (1152 x 1024) blocks run ~20%
+faster there (595 -> 726 queries/s, both in one process). Train
+steps on 2 cores, both settings in one process (benchmarks/xla_options.py,
+the README's table): without YNNPACK, So400m/14@384 (1 group) 22.8 s
+against 29.3 s with YNNPACK dots and 33.0 s with jaxlib's default; B/16
+about equal; the pico demo step 19% slower than with YNNPACK dots.
 
 XLA reads XLA_FLAGS once, when JAX starts its backend: import nearid_jax
 before running any JAX code for the defaults to apply. A flag the user
@@ -18,6 +21,7 @@ already put in XLA_FLAGS is left as it is; NEARID_XLA_DEFAULTS=0 in the
 environment leaves XLA_FLAGS and every jit to jaxlib's defaults. On TPU and
 GPU neither setting applies.
 """
+import functools
 import os
 
 import jax
@@ -50,15 +54,38 @@ def add_defaults(environ=os.environ):
         [environ.get("XLA_FLAGS", ""), *extra]).strip()
 
 
-def tower_options(arch, environ=os.environ):
-  """jax.jit compiler_options for computations that run `arch`'s tower.
+def ynn_dots(environ=os.environ):
+  """jax.jit compiler_options giving each dot to YNNPACK's kernels.
 
-  None (XLA_FLAGS decides) off the CPU, for towers wider than
-  YNN_DOTS_MAX_WIDTH, when the user's XLA_FLAGS chose YNNPACK fusions and
-  with NEARID_XLA_DEFAULTS=0.
+  None (XLA_FLAGS decides) off the CPU, when the user's XLA_FLAGS chose
+  YNNPACK fusions and with NEARID_XLA_DEFAULTS=0.
   """
-  if (not _enabled(environ) or arch.width > YNN_DOTS_MAX_WIDTH
+  if (not _enabled(environ)
       or _given(environ).get(_YNN, DEFAULTS[_YNN]) != DEFAULTS[_YNN]
       or jax.default_backend() != "cpu"):
     return None
   return {_YNN: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+
+
+def tower_options(arch, environ=os.environ):
+  """compiler_options for computations that run `arch`'s tower: ynn_dots()
+  up to YNN_DOTS_MAX_WIDTH wide, else None."""
+  return None if arch.width > YNN_DOTS_MAX_WIDTH else ynn_dots(environ)
+
+
+def jit_ynn_dots(**jit_kwargs):
+  """Decorator: jax.jit(fun, compiler_options=ynn_dots(), **jit_kwargs).
+
+  The jit is made at the first call, not at import: asking for the backend
+  at import would start it before jax.distributed.initialize().
+  """
+  def wrap(fun):
+    jitted = []
+
+    @functools.wraps(fun)
+    def call(*args, **kwargs):
+      if not jitted:
+        jitted.append(jax.jit(fun, compiler_options=ynn_dots(), **jit_kwargs))
+      return jitted[0](*args, **kwargs)
+    return call
+  return wrap

@@ -48,6 +48,21 @@ def test_tower_options_only_for_narrow_towers_and_never_over_the_user():
   assert xla_flags.tower_options(_PICO, {"XLA_FLAGS": _FLAG + "dot"}) is None
   assert xla_flags.tower_options(
       _PICO, {"XLA_FLAGS": _FLAG, "NEARID_XLA_DEFAULTS": "0"}) is None
+  assert xla_flags.ynn_dots(ours) == ynn_dots  # any width: the retrieval's
+
+
+def test_jit_ynn_dots_compiles_at_the_first_call_with_ynnpack_dots():
+  calls = []
+
+  @xla_flags.jit_ynn_dots(static_argnames=("k",))
+  def f(x, *, k):
+    calls.append(k)  # traced once per static k
+    return jax.nn.softmax(x @ x.T) * k
+
+  x = jnp.ones((64, 64))
+  assert float(f(x, k=2)[0, 0]) == 2 / 64 and f(x, k=2).shape == (64, 64)
+  assert calls == [2]  # jitted: the second call did not trace again
+  assert f.__name__ == "f"
 
 
 _PROBE = """
