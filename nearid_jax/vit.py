@@ -203,6 +203,37 @@ class VisionTower(nn.Module):
                        self.dtype, name="Transformer")(x)
 
 
+@jax.custom_vjp
+def _attention_pool(x, u):
+  """Per head h, the softmax_n(x_n . u_h)-weighted mean of the tokens x_n.
+
+  (B, N, D), (H, D) -> (B, H, D).
+
+  The backward is written out because autodiff's transposes of these
+  einsums run as (D, B*N) x (B*N, H) products in the layouts XLA:CPU is
+  slowest at: with the weights taken (B, N, H) there, the demo's cached step
+  (32 groups) went from 2.4-2.6 ms to 2.0-2.1 ms on 2 cores, one process.
+  """
+  return _attention_pool_fwd(x, u)[0]
+
+
+def _attention_pool_fwd(x, u):
+  w = jax.nn.softmax(jnp.einsum("bnd,hd->bhn", x, u), axis=-1)
+  return jnp.einsum("bhn,bnd->bhd", w, x), (x, u, jnp.swapaxes(w, 1, 2))
+
+
+def _attention_pool_bwd(res, g):
+  x, u, w = res  # w: (B, N, H)
+  gw = jnp.einsum("bnd,bhd->bnh", x, g)
+  gs = w * (gw - jnp.sum(w * gw, axis=1, keepdims=True))  # softmax's vjp
+  # Nothing downstream needs gx when the tokens are frozen: XLA drops it.
+  gx = jnp.einsum("bnh,hd->bnd", gs, u) + jnp.einsum("bnh,bhd->bnd", w, g)
+  return gx, jnp.einsum("bnh,bnd->hd", gs, x)
+
+
+_attention_pool.defvjp(_attention_pool_fwd, _attention_pool_bwd)
+
+
 class _DenseParams(nn.Module):
   """nn.DenseGeneral's parameters (names, shapes, init), not applied.
 
@@ -244,9 +275,8 @@ class ProbeAttention(nn.Module):
     wv, bv = _DenseParams((d,), (h, hd), name="value")()
     wo, bo = _DenseParams((h, hd), (d,), name="out")()
     q = jnp.einsum("d,dhk->hk", probe, wq) + bq
-    u = jnp.einsum("dhk,hk->dh", wk, q) * jax.lax.rsqrt(jnp.float32(hd))
-    w = jax.nn.softmax(jnp.einsum("bnd,dh->bhn", x, u), axis=-1)
-    pooled = jnp.einsum("bhn,bnd->bhd", w, x)
+    u = jnp.einsum("dhk,hk->hd", wk, q) * jax.lax.rsqrt(jnp.float32(hd))
+    pooled = _attention_pool(x, u)
     v = jnp.einsum("bhd,dhk->bhk", pooled, wv) + bv
     return jnp.einsum("bhk,hkd->bd", v, wo) + bo
 
