@@ -20,7 +20,7 @@ import torch
 MATMUL_N = 2048
 
 
-def time_calls(fns, *, warmup=2, repeats=5, settle=0):
+def time_calls(fns, *, warmup=2, repeats=5, settle=0, settle_s=0.0):
   """Times callables: {name: fn} -> {name: {"wall_s": [...], "cpu_s": [...]}}.
 
   Each fn takes no argument and must return only when its work is done (block
@@ -34,7 +34,10 @@ def time_calls(fns, *, warmup=2, repeats=5, settle=0):
   1 for calls of tens of milliseconds: PyTorch's OpenMP workers spin for a
   while after returning, and that spinning lands on whatever runs next on
   the same cores (measured: the demo's JAX step took 21.2 ms right after a
-  PyTorch step, 17.2 ms after its own).
+  PyTorch step, 17.2 ms after its own). settle_s: keep making untimed calls
+  until that long has passed since the settling began; calls of a few
+  milliseconds need it (the cached demo step, 1.95 ms settled, took 5.6,
+  2.6 and 2.3 ms as the first three calls after a 2048^2 torch.mm).
   """
   for fn in fns.values():
     for _ in range(warmup):
@@ -42,8 +45,10 @@ def time_calls(fns, *, warmup=2, repeats=5, settle=0):
   times = {name: {"wall_s": [], "cpu_s": []} for name in fns}
   for _ in range(repeats):
     for name, fn in fns.items():
-      for _ in range(settle):
+      start, n = time.perf_counter(), 0
+      while n < settle or time.perf_counter() - start < settle_s:
         fn()
+        n += 1
       wall, cpu = time.perf_counter(), time.process_time()
       fn()
       times[name]["cpu_s"].append(time.process_time() - cpu)
@@ -81,7 +86,7 @@ def matmul_calls(n=MATMUL_N):
           "torch.mm": lambda: torch.mm(ta, tb)}
 
 
-def time_with_peak(fns, *, warmup, repeats, settle=0):
+def time_with_peak(fns, *, warmup, repeats, settle=0, settle_s=0.0):
   """time_calls of `fns` with matmul_calls interleaved -> (times, peaks).
 
   The matmuls run after every call under test, so even a single round
@@ -89,7 +94,7 @@ def time_with_peak(fns, *, warmup, repeats, settle=0):
   (peak_flops(times), peak_flops(times, "cpu_s")). warmup: untimed rounds
   of `fns` (0 when their first call was made already, e.g. to check
   results); the matmuls get one of their own first. Their size is MATMUL_N
-  at the time of the call. settle: as time_calls'.
+  at the time of the call. settle, settle_s: as time_calls'.
   """
   n = MATMUL_N
   matmuls = matmul_calls(n)
@@ -99,7 +104,8 @@ def time_with_peak(fns, *, warmup, repeats, settle=0):
   for name, fn in fns.items():
     calls[name] = fn
     calls.update({f"{m} after {name}": call for m, call in matmuls.items()})
-  times = time_calls(calls, warmup=warmup, repeats=repeats, settle=settle)
+  times = time_calls(calls, warmup=warmup, repeats=repeats, settle=settle,
+                     settle_s=settle_s)
   return times, (peak_flops(times, n=n), peak_flops(times, "cpu_s", n))
 
 

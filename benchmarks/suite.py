@@ -97,10 +97,11 @@ BENCHMARKS = {
         dict(groups=2, try_compile=False, **QUICK_ONCE)),
     # Calls of seconds: a few milliseconds of spinning threads do not show.
     "train_b16": (functools.partial(train_throughput.rows, "b16"),
-                  dict(warmup=1, repeats=2, settle=0),
+                  dict(warmup=1, repeats=2, settle=0, settle_s=0),
                   dict(tower="mu/16@32", try_compile=False, **QUICK_ONCE)),
     "train_so400m": (functools.partial(train_throughput.rows, "so400m"),
-                     dict(try_compile=False, settle=0, **QUICK_ONCE),
+                     dict(try_compile=False, settle=0, settle_s=0,
+                          **QUICK_ONCE),
                      dict(tower="mu/14@28", try_compile=False, **QUICK_ONCE)),
     "embed": (embed_throughput.rows,
               dict(variant="B/16", res=224, batch=8, warmup=2, repeats=3),

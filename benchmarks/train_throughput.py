@@ -35,8 +35,9 @@ tower shape with the config's other settings (smoke runs of the suite).
 tower tokens rounded to bf16, as the feature cache serves them, in both
 libraries (no tower pass; PyTorch reads them widened to float32).
 --settle (default 1) makes an untimed call of each step right before each
-timed one (common.time_calls: PyTorch's OpenMP workers keep spinning after
-a step and would slow whatever is timed next).
+timed one, and --settle_s (default 0.03) more until that many seconds have
+passed (common.time_calls: PyTorch's OpenMP workers keep spinning after
+a step or a matmul and would slow whatever is timed next).
 """
 import argparse
 import os
@@ -60,6 +61,7 @@ from nearid_jax import vit
 
 SLOTS = 6  # images per group: 3 views + 3 distractors
 _NEG = -1e9  # masked logits, as in nearid_jax/losses.py
+SETTLE_S = 0.03  # see common.time_calls
 
 
 CONFIGS = {"demo": configs.demo, "b16": configs.b16_224,
@@ -211,14 +213,14 @@ def cached_batch(model, frozen, batch, mesh):
 
 
 def run_one(which, groups=0, tower="", warmup=2, repeats=5, try_compile=True,
-            torch_threads=(), settle=1, cached=False):
+            torch_threads=(), settle=1, cached=False, settle_s=SETTLE_S):
   """Builds both steps for one config, checks the loss, times; -> results.
 
   groups: 0 = CPU_GROUPS[which]; tower: see make_config; torch_threads: other
   torch thread counts to time each PyTorch step with too (small steps can run
-  faster on fewer threads, most of all on a loaded machine); settle: see
-  common.time_calls; cached: both steps train the head on the batch's
-  tokens rounded to bf16, as from the feature cache (no tower pass).
+  faster on fewer threads, most of all on a loaded machine); settle,
+  settle_s: see common.time_calls; cached: both steps train the head on the
+  batch's tokens rounded to bf16, as from the feature cache (no tower pass).
   """
   config = make_config(which, groups or CPU_GROUPS[which], tower)
   m = config.model
@@ -267,7 +269,8 @@ def run_one(which, groups=0, tower="", warmup=2, repeats=5, try_compile=True,
 
   calls = {"jax": jax_call, **tcalls}
   times, peaks = common.time_with_peak(calls, warmup=max(warmup - 1, 0),
-                                       repeats=repeats, settle=settle)
+                                       repeats=repeats, settle=settle,
+                                       settle_s=settle_s)
   peak = peaks[0]
   arch = vit.Arch.from_variant(m.variant, m.res)
   # No FLOP/s for the cached step: a few small ops, not matmul-bound.
@@ -280,7 +283,7 @@ def run_one(which, groups=0, tower="", warmup=2, repeats=5, try_compile=True,
        "loss_rel_diff": rel, "jax_first_call_s": jit_s,
        "forward_flops_per_step": flops, "peak_flops": peak,
        "peak_flops_per_cpu_s": peaks[1], "warmup": warmup,
-       "repeats": repeats, "settle": settle,
+       "repeats": repeats, "settle": settle, "settle_s": settle_s,
        "torch_threads": [torch.get_num_threads(), *torch_threads],
        "labels": {"jax": f"JAX train.setup step (jit, mesh "
                          f"{dict(mesh.shape)})", **labels}}
@@ -342,6 +345,8 @@ def main():
                            "PyTorch with besides one per core, e.g. 1")
   parser.add_argument("--settle", type=int, default=1,
                       help="untimed calls of each step before each timed one")
+  parser.add_argument("--settle_s", type=float, default=SETTLE_S,
+                      help="and more untimed calls until this many seconds")
   parser.add_argument("--cached", action="store_true",
                       help="train the head on bf16 tokens, as from the "
                            "feature cache (both libraries skip the tower)")
@@ -357,7 +362,7 @@ def main():
         which, args.groups, args.tower, args.warmup, args.repeats,
         not args.no_compile,
         [int(n) for n in args.torch_threads.split(",") if n], args.settle,
-        args.cached)
+        args.cached, args.settle_s)
     name = f"{r['variant']}@{r['res']}, {r['groups']} groups x 6"
     for impl in r["labels"]:
       table.append([name, r["labels"][impl],
@@ -374,7 +379,8 @@ def main():
         f"{notes['load_avg_1m']} at the end (shared machine); torch threads "
         f"{notes['torch_threads']}; XLA_FLAGS={notes['XLA_FLAGS']!r}; "
         f"best of {args.repeats} interleaved calls after {args.warmup} "
-        f"warm-up calls, each after {args.settle} untimed call(s)\n")
+        f"warm-up calls, each after {args.settle} untimed call(s) and at "
+        f"least {args.settle_s} s of them\n")
   print(common.markdown_table(
       ["config", "impl", "images/s (best)", "ms/step (best)",
        "ms/step (median)", "CPU ms/step (best)"], table))
