@@ -1,13 +1,16 @@
-"""The benchmark suite runs end to end, and its FLOP count is XLA's."""
+"""The benchmark suite runs end to end, its FLOP count is XLA's and its
+timer settles each call as asked."""
 import json
 import os
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
 import pytest
 
+from benchmarks import common
 from benchmarks.embed_throughput import forward_flops
 from nearid_jax import vit
 
@@ -77,3 +80,17 @@ def test_forward_flops_match_xla_cost_analysis(arch):
   folded = textbook - 2 * (4 * n * d * d - 4 * n * d * h)
   assert xla_head == pytest.approx(folded, rel=0.05)
   assert xla_head < textbook / 4
+
+
+@pytest.mark.parametrize("settle,settle_s,least,most", [(3, 0.0, 3, 3),
+                                                        (1, 0.03, 6, 30)])
+def test_time_calls_settles_before_each_timed_call(settle, settle_s, least,
+                                                   most):
+  """`settle` untimed calls at least, and more until `settle_s` has passed."""
+  calls = []
+  fn = lambda: (calls.append(time.perf_counter()), time.sleep(0.005))
+  times = common.time_calls({"f": fn}, warmup=1, repeats=2, settle=settle,
+                            settle_s=settle_s)
+  assert len(times["f"]["wall_s"]) == 2
+  untimed_per_timed = (len(calls) - 1 - 2) / 2
+  assert least <= untimed_per_timed <= most
