@@ -108,8 +108,10 @@ class _ReadGroup:
     return self.maker.mtg_group(self.mtg[int(position)], epoch, copy)
 
 
-def read_options(cfg):
-  return grain.ReadOptions(num_threads=cfg.num_threads,
+def read_options(cfg, num_threads=None):
+  """cfg's grain.ReadOptions; num_threads overrides cfg.num_threads."""
+  threads = cfg.num_threads if num_threads is None else num_threads
+  return grain.ReadOptions(num_threads=threads,
                            prefetch_buffer_size=cfg.prefetch)
 
 
@@ -126,13 +128,14 @@ def in_workers(ds, cfg):
 
 
 def group_stream(cfg, nearid, mtg, maker, process_index=None,
-                 process_count=None, post=None):
+                 process_count=None, post=None, num_threads=None):
   """This process's batches of training groups, a grain IterDataset.
 
   nearid, mtg: random-access row records (mtg None: no MTG entries);
   maker: a groups.GroupMaker; post: a map applied to each group before
-  batching. The order and draws are those of the module doc, whatever the
-  records are (decoded images here, cached tokens in feature_cache).
+  batching; num_threads: reader threads, default cfg.num_threads. The order
+  and draws are those of the module doc, whatever the records are (decoded
+  images here, cached tokens in feature_cache).
   """
   process_index, process_count = _process(process_index, process_count)
   batch = _local_batch(cfg.batch_size, process_count)
@@ -149,7 +152,8 @@ def group_stream(cfg, nearid, mtg, maker, process_index=None,
   ds = ds.map(_ReadGroup(nearid, mtg, maker, len(entries)))
   if post is not None:
     ds = ds.map(post)
-  ds = ds.batch(batch, drop_remainder=True).to_iter_dataset(read_options(cfg))
+  ds = ds.batch(batch, drop_remainder=True).to_iter_dataset(
+      read_options(cfg, num_threads))
   return in_workers(ds, cfg)
 
 

@@ -4,6 +4,7 @@ Run as a script, this file is one process of a multi-process write.
 """
 import io
 import os
+import pickle
 import socket
 import subprocess
 import sys
@@ -88,10 +89,17 @@ def _assert_bf16_close(cached, want):
   assert exact.mean() > 0.99
 
 
-def test_cached_tokens_are_the_towers(data):
+@pytest.mark.parametrize("in_memory_bytes", [None, 0])
+def test_cached_tokens_are_the_towers(data, in_memory_bytes):
   config, manual, cache_dir, model, meta = data
   cache = feature_cache.Cache(cache_dir)
-  lookup = feature_cache.TokenLookup(cache, skip_corrupt=True)
+  lookup = feature_cache.TokenLookup(cache, skip_corrupt=True,
+                                     in_memory_bytes=in_memory_bytes)
+  # This small cache is read into memory unless the limit says otherwise.
+  assert lookup.in_memory == (in_memory_bytes is None)
+  if in_memory_bytes is None:  # a pickled copy (a grain worker's) reads anew
+    lookup = pickle.loads(pickle.dumps(lookup))
+    assert lookup._loaded is None  # pylint: disable=protected-access
   tower = _tower(model)
   pos = hf_format.Table(str(manual / "NearID"))
   neg = {s: hf_format.Table(str(manual / f"NearID-{s}")) for s in SOURCES}
@@ -147,6 +155,18 @@ def test_cached_tokens_are_the_towers(data):
 
 def _take(it, n):
   return [next(it) for _ in range(n)]
+
+
+def test_batches_from_memory_are_those_from_disk(data):
+  config, _, cache_dir, model, _ = data
+  make = lambda limit: _take(feature_cache.train_iterator(
+      config, 0, 1, cache_dir=cache_dir, model=model,
+      in_memory_bytes=limit), 4)
+  from_memory, from_disk = make(None), make(0)
+  for x, y in zip(from_memory, from_disk):
+    assert x.keys() == y.keys()
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k], err_msg=k)
 
 
 @pytest.mark.parametrize("process_index,process_count", [(0, 1), (1, 2)])
