@@ -18,7 +18,9 @@ For benchmarks.suite, `rows` answers that question directly for the demo:
 the demo's train step fed by the demo's input config batch by batch, as
 train.py's loop feeds it (`sharding.global_batch(next(it))`, no host sync
 until the last step), against the same step on one batch already on the
-device. A ratio near 1 means the pipeline keeps up.
+device. A ratio near 1 means the pipeline keeps up. A second row does the
+same for the step the demo trains with, fed by its feature cache (written
+for the config's random tower).
 """
 import argparse
 import os
@@ -32,6 +34,7 @@ from benchmarks import common
 import configs.demo
 import input_pipeline
 from input_pipeline import synthetic
+from nearid_jax import feature_cache
 from nearid_jax import sharding
 from nearid_jax import train
 
@@ -74,12 +77,15 @@ def prepare_data(cfg, workdir, identities, gen_res):
   input_pipeline.prepare(cfg)
 
 
-def time_fed_step(config, steps, repeats):
-  """`steps` train steps fed by config.input's pipeline vs on one resident
-  batch, interleaved -> {"fed": summary, "resident": summary}."""
+def time_fed_step(config, steps, repeats, cache_dir=""):
+  """`steps` train steps fed by config.input's pipeline (from the feature
+  cache in cache_dir if given) vs on one resident batch, interleaved ->
+  {"fed": summary, "resident": summary}."""
   mesh = sharding.make_mesh(config.mesh)
-  _, frozen, state, step = train.setup(config, mesh)
-  it = input_pipeline.train_iterator(config.input, 0, 1)
+  model, frozen, state, step = train.setup(config, mesh)
+  it = (feature_cache.train_iterator(config, 0, 1, cache_dir=cache_dir,
+                                     model=model) if cache_dir
+        else input_pipeline.train_iterator(config.input, 0, 1))
   resident = sharding.global_batch(next(it), mesh)
 
   def run(feed):
@@ -110,15 +116,25 @@ def rows(identities=300, groups=0, steps=10, batches=20, repeats=3):
     prepare_data(cfg, workdir, identities, config.demo.image_res)
     alone = measure(cfg, batches)
     r = time_fed_step(config, steps, repeats)
+    cache_dir = os.path.join(workdir, "cache")
+    feature_cache.write(config, cache_dir)  # the config's (random) tower
+    cached = time_fed_step(config, steps, repeats, cache_dir)
+  where = (f"demo {config.model.variant}@{config.model.res}, "
+           f"{cfg.batch_size} groups/step, {steps} steps per call; ")
   return [common.suite_row(
-      "input_demo", f"demo {config.model.variant}@{config.model.res}, "
-      f"{cfg.batch_size} groups/step, {steps} steps per call; input from "
-      f"{config.demo.image_res} px PNG, {cfg.num_workers} workers, "
-      f"{cfg.num_threads} threads (the demo's)",
+      "input_demo", where + f"input from {config.demo.image_res} px PNG, "
+      f"{cfg.num_workers} workers, {cfg.num_threads} threads (the demo's)",
       "train step fed by input_pipeline.train_iterator", "groups/s",
       steps * cfg.batch_size, r["fed"], ref=r["resident"],
       ref_impl="the same step on a batch already on the device",
-      details={"steps": r, "input_alone": alone})]
+      details={"steps": r, "input_alone": alone}),
+          common.suite_row(
+      "input_demo_cached", where + "input from the feature cache (how the "
+      "demo trains)", "train step fed by feature_cache.train_iterator",
+      "groups/s", steps * cfg.batch_size, cached["fed"],
+      ref=cached["resident"],
+      ref_impl="the same step on a batch already on the device",
+      details={"steps": cached})]
 
 
 def main():
