@@ -18,11 +18,14 @@ and `it.set_state(state)`; with orbax, the handler is
 built from the same config, process count and num_workers.
 
 Order: the training entries (the split's NearID rows, plus each MTG train
-row mtg_repeat times) are shuffled globally per epoch with `seed`, and
-process p takes global positions p, p + P, p + 2P, ..., so in every epoch
-the processes' shares are disjoint and together cover the entries. A group
-depends only on (seed, epoch, row, copy) (groups.py), not on sharding or
-workers. The stream repeats forever; epochs are counted in entries.
+row mtg_repeat times) are shuffled globally per epoch with `seed`
+(draws.permutation), and process p takes global positions p, p + P,
+p + 2P, ..., so in every epoch the processes' shares are disjoint and
+together cover the entries. A group depends only on (seed, epoch, row, copy)
+(groups.py), not on sharding or workers. The stream repeats forever; epochs
+are counted in entries. Each grain element is a whole batch, made in numpy
+(groups.GroupMaker.batch): the order, the draws and the token gathers of a
+cached batch cost less than the demo's train step that consumes it.
 
 Config fields (`config.input`, defaults in `default_config()`):
   data_dir      TFDS data dir holding the prepared nearid/ and mtg/
@@ -44,11 +47,14 @@ Config fields (`config.input`, defaults in `default_config()`):
                 none): train the head on its tokens, same groups in the
                 same order as from the images
 """
+import sys
+
 from absl import flags
 import grain
 import ml_collections
 import numpy as np
 
+from input_pipeline import draws
 from input_pipeline import groups
 from input_pipeline import tfds_builders
 
@@ -89,23 +95,87 @@ def _local_batch(batch_size, process_count):
   return batch_size // process_count
 
 
-def _with_index(index, entry):
-  return index, entry
+class _Plan:
+  """Local batch j -> its groups' (epoch (b,), entries (b, 3)); picklable.
+
+  The global stream is the entries in a new order every epoch
+  (draws.permutation), repeated forever; process p takes global positions
+  p, p + P, p + 2P, ... and its batch j is its elements j*b .. j*b + b - 1.
+  """
+
+  def __init__(self, entries, seed, batch, process_index, process_count):
+    self.entries, self.seed, self.batch = entries, seed, batch
+    self.process_index, self.process_count = process_index, process_count
+    self._orders = {}
+
+  def _order(self, epoch):
+    order = self._orders.get(epoch)
+    if order is None:
+      order = draws.permutation(len(self.entries), self.seed, epoch)
+      # A batch spans at most two epochs; prefetching threads run a little
+      # ahead. Replaced whole, so a racing thread sees one dict or the other.
+      self._orders = {**dict(list(self._orders.items())[-2:]), epoch: order}
+    return order
+
+  def __call__(self, j):
+    local = j * self.batch + np.arange(self.batch)
+    epoch, i = np.divmod(self.process_index + local * self.process_count,
+                         len(self.entries))
+    position = np.empty_like(i)
+    for e in np.unique(epoch):
+      sel = epoch == e
+      position[sel] = self._order(int(e))[i[sel]]
+    return epoch, self.entries[position]
 
 
-class _ReadGroup:
-  """(global index, entry) -> training group; picklable for grain workers."""
+class _Batches:
+  """j -> this process's j-th batch of training groups; picklable."""
 
-  def __init__(self, nearid, mtg, maker, num_entries):
-    self.nearid, self.mtg, self.maker = nearid, mtg, maker
-    self.num_entries = num_entries
+  def __init__(self, plan, maker, finish):
+    self.plan, self.maker, self.finish = plan, maker, finish
 
-  def __call__(self, item):
-    index, (dataset, position, copy) = item
-    epoch = index // self.num_entries  # the global shuffle's epoch
+  def __call__(self, j):
+    return self.finish(self.maker.batch(*self.plan(j)))
+
+
+def _as_images(batch):
+  """GroupMaker.batch's slots -> the views and distractors of the batch."""
+  batch = dict(batch)
+  slots = batch.pop("slots")
+  batch["views"] = np.ascontiguousarray(slots[:, :groups.VIEWS])
+  batch["distractors"] = np.ascontiguousarray(slots[:, groups.VIEWS:])
+  return batch
+
+
+def _cells(values, n=groups.VIEWS):
+  """Encoded images -> an object array of n, b"" filling the missing ones.
+
+  Cell by cell: numpy would make a list of bytes a fixed-width bytes array
+  first, which drops trailing NUL bytes.
+  """
+  out = np.full(n, b"", object)
+  for k, v in enumerate(values):
+    out[k] = v
+  return out
+
+
+class _RecordRefs:
+  """(dataset, positions) -> rows and encoded images (GroupMaker's refs)."""
+
+  def __init__(self, nearid, mtg, sources):
+    self.nearid, self.mtg, self.sources = nearid, mtg, tuple(sources)
+
+  def __call__(self, dataset, positions):
+    source = self.nearid if dataset == groups.NEARID else self.mtg
+    records = [source[int(p)] for p in positions]
+    rows = np.array([int(r["index"]) for r in records], np.int64)
+    views = np.stack([_cells(r["views"]) for r in records])
     if dataset == groups.NEARID:
-      return self.maker.nearid_group(self.nearid[int(position)], epoch, copy)
-    return self.maker.mtg_group(self.mtg[int(position)], epoch, copy)
+      dists = np.stack([np.stack([_cells(r["distractors"][s])
+                                  for s in self.sources]) for r in records])
+    else:
+      dists = np.stack([_cells(r["edits"])[None] for r in records])
+    return rows, views, dists
 
 
 def read_options(cfg, num_threads=None):
@@ -127,33 +197,30 @@ def in_workers(ds, cfg):
       num_workers=cfg.num_workers, per_worker_buffer_size=cfg.prefetch))
 
 
-def group_stream(cfg, nearid, mtg, maker, process_index=None,
-                 process_count=None, post=None, num_threads=None):
+def group_stream(cfg, num_nearid, num_mtg, maker, finish, process_index=None,
+                 process_count=None, num_threads=None):
   """This process's batches of training groups, a grain IterDataset.
 
-  nearid, mtg: random-access row records (mtg None: no MTG entries);
-  maker: a groups.GroupMaker; post: a map applied to each group before
-  batching; num_threads: reader threads, default cfg.num_threads. The order
-  and draws are those of the module doc, whatever the records are (decoded
-  images here, cached tokens in feature_cache).
+  num_nearid, num_mtg: the NearID rows and MTG train rows (num_mtg None: no
+  MTG entries); maker: a groups.GroupMaker with its refs; finish: applied to
+  each GroupMaker.batch; num_threads: reader threads, default
+  cfg.num_threads, each making whole batches. The order and draws are those
+  of the module doc, whatever the reader (decoded images here, cached tokens
+  in feature_cache).
   """
   process_index, process_count = _process(process_index, process_count)
   batch = _local_batch(cfg.batch_size, process_count)
   if not cfg.sources:
     raise ValueError("input.sources is empty: training groups need at least "
                      "one distractor source")
-  entries = [(groups.NEARID, i, 0) for i in range(len(nearid))]
-  if mtg is not None:
+  entries = [(groups.NEARID, i, 0) for i in range(num_nearid)]
+  if num_mtg is not None:
     entries += [(groups.MTG, i, c) for c in range(cfg.mtg_repeat)
-                for i in range(len(mtg))]
-  entries = np.array(entries, np.int64)
-  ds = grain.MapDataset.source(entries).shuffle(seed=cfg.seed).repeat()
-  ds = ds.map_with_index(_with_index)[process_index::process_count]
-  ds = ds.map(_ReadGroup(nearid, mtg, maker, len(entries)))
-  if post is not None:
-    ds = ds.map(post)
-  ds = ds.batch(batch, drop_remainder=True).to_iter_dataset(
-      read_options(cfg, num_threads))
+                for i in range(num_mtg)]
+  plan = _Plan(np.array(entries, np.int64).reshape(-1, 3), cfg.seed, batch,
+               process_index, process_count)
+  ds = grain.MapDataset.range(sys.maxsize).map(_Batches(plan, maker, finish))
+  ds = ds.to_iter_dataset(read_options(cfg, num_threads))
   return in_workers(ds, cfg)
 
 
@@ -167,8 +234,9 @@ def train_dataset(cfg, process_index=None, process_count=None):
                                     "train")
   maker = groups.GroupMaker(
       cfg.sources, groups.Decoder(cfg.res, cfg.resize, cfg.skip_corrupt),
-      cfg.seed, cfg.split)
-  return group_stream(cfg, nearid, mtg, maker, process_index, process_count)
+      cfg.seed, cfg.split, _RecordRefs(nearid, mtg, cfg.sources))
+  return group_stream(cfg, len(nearid), None if mtg is None else len(mtg),
+                      maker, _as_images, process_index, process_count)
 
 
 def train_iterator(cfg, process_index=None, process_count=None):

@@ -3,14 +3,19 @@
 A training group has 6 slots: 3 view slots and 3 distractor slots. The valid
 views are permuted (invalid slots stay at the end) and slot 0 is the anchor;
 distractor slot k is the distractor drawn on view slot k's background, from
-a source drawn uniformly per slot. Randomness comes from one generator per
-(seed, epoch, dataset, row, copy), so a group does not depend on sharding,
+a source drawn uniformly per slot. The draws are a hash of (seed, epoch,
+dataset, row, copy) (draws.py), so a group does not depend on sharding,
 worker count or batch position. An MTG row is a group with views
 [image_1_original, image_2_original, missing] and distractors
 [image_1_inpainted, image_2_inpainted, missing], permuted the same way.
 
-Images are decoded and squash-resized to res x res (nearid_jax.preprocess
-semantics) and stay uint8; scaling to [-1, 1] happens on device.
+Groups are made a batch at a time (GroupMaker.batch), in numpy: from a
+feature cache in memory a 32-group batch is a few gathers, where a group at
+a time cost ~200 us of Python each (the demo's 2 ms train step waited on
+it). What a slot holds comes from a reader: Decoder here (images decoded
+and squash-resized to res x res, nearid_jax.preprocess semantics, kept
+uint8; scaling to [-1, 1] happens on device) or the feature cache's token
+lookup, both with the same `load` / `gather` contract.
 
 A corrupt image raises CorruptImage naming dataset, split, row and field, or,
 with skip_corrupt, leaves its slot masked and counts it in `n_skipped` (a
@@ -22,26 +27,17 @@ import io
 import numpy as np
 from PIL import Image
 
+from input_pipeline import draws
 from nearid_jax import metrics
 from nearid_jax import preprocess
 
 VIEWS = 3
-NEARID, MTG = 0, 1  # dataset ids in the RNG key and the training entries
+NEARID, MTG = 0, 1  # dataset ids in the draws' key and the training entries
+_DATASET = {NEARID: "NearID", MTG: "MTG"}
 
 
 class CorruptImage(ValueError):
   """An image that does not decode; the message says where it is."""
-
-
-def rng_for(seed, epoch, dataset, row, copy):
-  return np.random.default_rng([seed, epoch, dataset, row, copy])
-
-
-def permutation(valid, rng):
-  """Valid slots in random order, then the invalid ones in order."""
-  valid = np.asarray(valid, bool)
-  return np.concatenate([rng.permutation(np.flatnonzero(valid)),
-                         np.flatnonzero(~valid)])
 
 
 def decode_mask(data):
@@ -81,76 +77,136 @@ class Decoder:
         out[k] = im
     return out, np.array([im is not None for im in images])
 
+  # The reader contract GroupMaker.batch uses (feature_cache.TokenLookup too).
+  NONE = b""  # the ref of a slot without an image
+
+  def load(self, refs, where):
+    """refs (b, n) encoded images -> (loaded, ok, skipped).
+
+    loaded: uint8 (b, n, res, res, 3), zeros where there is no image; ok:
+    bool (b, n) the slots with one; skipped: int32 (b,) corrupt images
+    skipped. where(g, k) names slot (g, k) in errors.
+    """
+    out = np.zeros(refs.shape + (self.res, self.res, 3), np.uint8)
+    ok = np.zeros(refs.shape, bool)
+    skipped = np.zeros(refs.shape[0], np.int32)
+    for (g, k), data in np.ndenumerate(refs):
+      if not len(data):
+        continue
+      lost = []
+      image = self(data, where(g, k), lost)
+      skipped[g] += len(lost)
+      if image is not None:
+        out[g, k], ok[g, k] = image, True
+    return out, ok, skipped
+
+  def gather(self, loaded):
+    """`load`'s output (permuted, concatenated) -> the batch's pixels."""
+    return loaded
+
+
+def _take(a, index):
+  """a[g, index[g, j], ...] for every g, j: (b, n, ...) -> (b, m, ...)."""
+  return np.take_along_axis(
+      a, index.reshape(index.shape + (1,) * (a.ndim - 2)), axis=1)
+
 
 class GroupMaker:
-  """Records -> training groups and eval rows (picklable, for grain workers).
+  """Record refs -> batches of training groups; records -> eval rows.
+
+  Picklable, for grain workers.
 
   Args:
     sources: distractor sources a training group draws from, or an eval row
       holds, in order.
-    decoder: a Decoder.
+    reader: what a slot holds: a Decoder (images; eval rows need one), or
+      feature_cache.TokenLookup (tokens).
     seed: the data seed.
     split: the split's name, for error messages.
+    refs: (dataset, positions) -> (rows (n,), views (n, 3), distractors
+      (n, S, 3)): the dataset's row index and the reader's refs of the
+      images of training entries; distractor k of source s is
+      distractors[:, s, k], S = len(sources) for NEARID and 1 for MTG (the
+      edits). Only `batch` needs it.
   """
 
-  def __init__(self, sources, decoder, seed, split):
-    self.sources, self.decoder = tuple(sources), decoder
-    self.seed, self.split = seed, split
+  def __init__(self, sources, reader, seed, split, refs=None):
+    self.sources, self.reader = tuple(sources), reader
+    self.seed, self.split, self.refs = seed, split, refs
 
   def _where(self, dataset, row, field):
     return f"{dataset} split {self.split!r} row {row} field {field!r}"
 
-  def _group(self, views, distractor_of, rng, row, dataset, view_field):
-    """views: 3 byte strings; distractor_of(k) -> (bytes, dataset, field)."""
-    skipped = []
-    ims = [self.decoder(b, self._where(dataset, row, view_field(k)), skipped)
-           for k, b in enumerate(views)]
-    perm = permutation([im is not None for im in ims], rng)
-    dists = [None] * VIEWS
-    for k in range(VIEWS):
-      if ims[k] is not None:
-        data, dset, field = distractor_of(k)
-        dists[k] = self.decoder(data, self._where(dset, row, field), skipped)
-    views, view_mask = self.decoder.stack([ims[k] for k in perm])
-    dists, dist_mask = self.decoder.stack([dists[k] for k in perm])
-    return {"views": views, "view_mask": view_mask, "distractors": dists,
-            "distractor_mask": dist_mask, "index": np.int32(row),
-            "is_mtg": np.bool_(dataset == "MTG"),
-            "n_skipped": np.int32(len(skipped))}
+  def batch(self, epoch, entries):
+    """Training groups of (dataset, position, copy) entries in `epoch`.
 
-  def nearid_group(self, record, epoch, copy=0):
-    row = int(record["index"])
-    rng = rng_for(self.seed, epoch, NEARID, row, copy)
-    # The source of each view slot's distractor, drawn before decoding so a
-    # skipped image does not shift the other slots' draws.
-    choice = rng.integers(len(self.sources), size=VIEWS)
-    def distractor_of(k):
-      s = self.sources[choice[k]]
-      return record["distractors"][s][k], f"NearID-{s}", f"nimg{k + 1}"
-    return self._group(record["views"], distractor_of, rng, row, "NearID",
-                       lambda k: f"images{k + 1}")
+    epoch: int (b,); entries: int (b, 3). Returns slots (b, 6, ...) (views
+    0..2 then distractors, as reader.gather gives them), view_mask and
+    distractor_mask bool (b, 3), index int32 (b,) (row in its dataset),
+    is_mtg bool (b,), n_skipped int32 (b,).
+    """
+    dataset, position, copy = np.asarray(entries, np.int64).T
+    b = len(dataset)
+    rows = np.zeros(b, np.int64)
+    choice = np.zeros((b, VIEWS), np.int64)
+    keys = np.zeros((b, VIEWS), np.uint64)
+    views = dists = None
+    for d in (NEARID, MTG):
+      sel = np.flatnonzero(dataset == d)
+      if not len(sel):
+        continue
+      r, v, n = self.refs(d, position[sel])
+      if views is None:
+        views = np.empty((b, VIEWS), v.dtype)
+        dists = np.empty((b, VIEWS), v.dtype)
+      u = draws.bits(draws.key(draws.GROUP, self.seed, epoch[sel], d, r,
+                               copy[sel]), 2 * VIEWS)
+      rows[sel], views[sel], keys[sel] = r, v, u[:, VIEWS:]
+      c = draws.below(u[:, :VIEWS], n.shape[1])
+      choice[sel] = c
+      dists[sel] = n[np.arange(len(sel))[:, None], c, np.arange(VIEWS)]
 
-  def mtg_group(self, record, epoch, copy=0):
-    row = int(record["index"])
-    rng = rng_for(self.seed, epoch, MTG, row, copy)
-    views = list(record["views"]) + [b""]
-    edits = list(record["edits"]) + [b""]
-    return self._group(
-        views, lambda k: (edits[k], "MTG", f"image_{k + 1}_inpainted"), rng,
-        row, "MTG", lambda k: f"image_{k + 1}_original")
+    def view_at(g, k):
+      field = (f"images{k + 1}" if dataset[g] == NEARID
+               else f"image_{k + 1}_original")
+      return self._where(_DATASET[dataset[g]], rows[g], field)
+
+    loaded, ok, skipped = self.reader.load(views, view_at)
+    # Valid views in their drawn order, then the others in slot order.
+    last = np.uint64(1 << 63) + np.arange(VIEWS, dtype=np.uint64)
+    perm = np.argsort(np.where(ok, keys >> np.uint64(2), last), axis=1,
+                      kind="stable")
+    view_mask = _take(ok, perm)
+    dists = _take(dists, perm)
+    dists[~view_mask] = self.reader.NONE  # no view, no distractor
+
+    def distractor_at(g, j):
+      k = perm[g, j]
+      if dataset[g] == MTG:
+        return self._where("MTG", rows[g], f"image_{k + 1}_inpainted")
+      return self._where(f"NearID-{self.sources[choice[g, k]]}", rows[g],
+                         f"nimg{k + 1}")
+
+    loaded_d, dist_mask, skipped_d = self.reader.load(dists, distractor_at)
+    slots = self.reader.gather(np.concatenate([_take(loaded, perm), loaded_d],
+                                              axis=1))
+    return {"slots": slots, "view_mask": view_mask,
+            "distractor_mask": dist_mask, "index": rows.astype(np.int32),
+            "is_mtg": dataset == MTG,
+            "n_skipped": (skipped + skipped_d).astype(np.int32)}
 
   def nearid_row(self, record):
     """Eval: views in stored order, each source's distractors, no randomness."""
     row, skipped = int(record["index"]), []
-    ims = [self.decoder(b, self._where("NearID", row, f"images{k + 1}"),
-                        skipped) for k, b in enumerate(record["views"])]
-    views, view_mask = self.decoder.stack(ims)
+    ims = [self.reader(b, self._where("NearID", row, f"images{k + 1}"),
+                       skipped) for k, b in enumerate(record["views"])]
+    views, view_mask = self.reader.stack(ims)
     dists, dist_masks = [], []
     for s in self.sources:
-      d = [self.decoder(b, self._where(f"NearID-{s}", row, f"nimg{k + 1}"),
-                        skipped) if ims[k] is not None else None
+      d = [self.reader(b, self._where(f"NearID-{s}", row, f"nimg{k + 1}"),
+                       skipped) if ims[k] is not None else None
            for k, b in enumerate(record["distractors"][s])]
-      d, m = self.decoder.stack(d)
+      d, m = self.reader.stack(d)
       dists.append(d)
       dist_masks.append(m)
     return {"views": views, "view_mask": view_mask,
@@ -162,13 +218,13 @@ class GroupMaker:
   def mtg_row(self, record):
     """Eval: [I1, I2, -], distractors [[I1', I2', -]], oracle [o1, o2, 0]."""
     row, skipped = int(record["index"]), []
-    ims = [self.decoder(b, self._where("MTG", row, f"image_{k + 1}_original"),
-                        skipped) for k, b in enumerate(record["views"])]
-    eds = [self.decoder(b, self._where("MTG", row, f"image_{k + 1}_inpainted"),
-                        skipped) if ims[k] is not None else None
+    ims = [self.reader(b, self._where("MTG", row, f"image_{k + 1}_original"),
+                       skipped) for k, b in enumerate(record["views"])]
+    eds = [self.reader(b, self._where("MTG", row, f"image_{k + 1}_inpainted"),
+                       skipped) if ims[k] is not None else None
            for k, b in enumerate(record["edits"])]
-    views, view_mask = self.decoder.stack(ims + [None])
-    dists, dist_mask = self.decoder.stack(eds + [None])
+    views, view_mask = self.reader.stack(ims + [None])
+    dists, dist_mask = self.reader.stack(eds + [None])
     oracle = [metrics.mtg_oracle(decode_mask(p), decode_mask(o))
               for o, p in zip(record["object_masks"], record["part_masks"])]
     return {"views": views, "view_mask": view_mask,
@@ -179,7 +235,7 @@ class GroupMaker:
 
   def blank_row(self, mtg=False):
     """Eval padding: the shape of a row, all masks False, index -1."""
-    r, n = self.decoder.res, 1 if mtg else len(self.sources)
+    r, n = self.reader.res, 1 if mtg else len(self.sources)
     out = {"views": np.zeros((VIEWS, r, r, 3), np.uint8),
            "view_mask": np.zeros(VIEWS, bool),
            "distractors": np.zeros((n, VIEWS, r, r, 3), np.uint8),

@@ -416,42 +416,61 @@ class Cache:
                           "config: " + "; ".join(bad) + ". Build one for it "
                           "with feature_cache.write(config, out_dir).")
 
-  def nearid_record(self, position):
-    """A NearID row as the prepared record, record ids in place of images."""
-    base = position * self.nearid_slots
-    ids = lambda j: [base + j + k for k in range(groups.VIEWS)]
-    return {"index": self.meta["nearid_rows"][position], "views": ids(0),
-            "distractors": {s: ids(groups.VIEWS * (1 + i)) for i, s in
-                            enumerate(self.meta["sources"])}}
-
-  def mtg_record(self, position):
-    base = self.num_nearid * self.nearid_slots + position * MTG_SLOTS
-    return {"index": self.meta["mtg_rows"][position],
-            "views": [base, base + 1], "edits": [base + 2, base + 3]}
+  def refs(self, sources):
+    """GroupMaker's refs for training groups drawing from `sources`."""
+    return _Refs(self, sources)
 
 
-class _Rows:
-  """position -> a dataset's row record (for grain_pipeline._ReadGroup)."""
+class _Refs:
+  """(dataset, positions) -> rows and record ids (groups.GroupMaker's refs).
 
-  def __init__(self, cache, dataset):
-    self.cache, self.dataset = cache, dataset
+  Arithmetic on the record layout (module doc): no record is read.
+  """
 
-  def __len__(self):
-    return (self.cache.num_nearid if self.dataset == groups.NEARID
-            else self.cache.num_mtg)
+  def __init__(self, cache, sources):
+    cached = cache.meta["sources"]
+    self.source_slots = groups.VIEWS * (1 + np.array(
+        [cached.index(s) for s in sources], np.int64))
+    self.nearid_slots = cache.nearid_slots
+    self.mtg_base = cache.num_nearid * cache.nearid_slots
+    self.nearid_rows = np.array(cache.meta["nearid_rows"], np.int64)
+    self.mtg_rows = np.array(cache.meta["mtg_rows"], np.int64)
 
-  def __getitem__(self, position):
-    if self.dataset == groups.NEARID:
-      return self.cache.nearid_record(position)
-    return self.cache.mtg_record(position)
+  def __call__(self, dataset, positions):
+    k = np.arange(groups.VIEWS)
+    if dataset == groups.NEARID:
+      base = positions * self.nearid_slots
+      views = base[:, None] + k
+      dists = base[:, None, None] + self.source_slots[:, None] + k
+      return self.nearid_rows[positions], views, dists
+    base = (self.mtg_base + positions * MTG_SLOTS)[:, None]
+    none = np.full_like(base, TokenLookup.NONE)  # MTG has 2 views
+    views = np.concatenate([base, base + 1, none], axis=1)
+    edits = np.concatenate([base + 2, base + 3, none], axis=1)
+    return self.mtg_rows[positions], views, edits[:, None]
+
+
+_OK, _EMPTY, _CORRUPT = 0, 1, 2  # a record's status
+_CHUNK = 4096  # records read at a time into memory
+
+
+def _status(data):
+  # A token record is N * D * 2 bytes, never CORRUPT's 7.
+  return _EMPTY if data == EMPTY else _CORRUPT if data == CORRUPT else _OK
 
 
 class TokenLookup:
-  """groups.Decoder's stand-in: a record id -> tokens (N, D) bfloat16.
+  """groups.Decoder's stand-in for GroupMaker: record ids -> tokens (N, D).
 
-  Same contract: None for a slot without image, and for one that did not
-  decode when skip_corrupt (counted in `skipped`), else CorruptImage.
+  The same load / gather contract, refs being record ids (NONE: no image):
+  CorruptImage for a record that did not decode at write time, unless
+  skip_corrupt (then masked and counted); a slot without tokens gets the
+  black image's, as the image pipeline's zero-filled slot gives them.
+  In memory, `load` passes record ids on and `gather` is one fancy-index
+  of the token array; from disk, `load` reads the records (one batched
+  ArrayRecord read) and `gather` joins their bytes.
   """
+  NONE = -1
 
   def __init__(self, cache, skip_corrupt=False, in_memory_bytes=None):
     self.path, self.skip_corrupt = cache.path, skip_corrupt
@@ -461,7 +480,8 @@ class TokenLookup:
       raise ValueError(f"feature cache {self.path} holds "
                        f"{len(self.records)} records, its metadata says "
                        f"{cache.num_records + 1}: rebuild it")
-    self.blank = self._tokens(self.records[cache.num_records])
+    self.blank_id = cache.num_records
+    self.blank = self._tokens(self.records[self.blank_id])
     limit = IN_MEMORY_BYTES if in_memory_bytes is None else in_memory_bytes
     self.in_memory = sum(os.path.getsize(s) for s in cache.shards) <= limit
     self._loaded = None
@@ -472,43 +492,59 @@ class TokenLookup:
   def _tokens(self, data):
     return np.frombuffer(data, DTYPE).reshape(self.shape)
 
-  def _record(self, i):
-    if not self.in_memory:
-      return self.records[i]
+  def _memory(self):
+    """(tokens (R + 1, N, D), status (R + 1,)) of every record, read once."""
     if self._loaded is None:  # a racing reader thread only reads it twice
-      self._loaded = self.records.__getitems__(range(len(self.records)))
-    return self._loaded[i]
+      n = len(self.records)
+      tokens = np.empty((n,) + self.shape, DTYPE)
+      status = np.empty(n, np.uint8)
+      for lo in range(0, n, _CHUNK):
+        chunk = self.records.__getitems__(range(lo, min(n, lo + _CHUNK)))
+        for i, data in enumerate(chunk, lo):
+          status[i] = _status(data)
+          tokens[i] = self._tokens(data) if status[i] == _OK else self.blank
+      self._loaded = tokens, status
+    return self._loaded
 
-  def __call__(self, ref, where, skipped):
-    if isinstance(ref, bytes):
-      return None  # GroupMaker's filler for MTG's missing third view
-    data = self._record(int(ref))
-    if data == EMPTY:
-      return None
-    if data == CORRUPT:
-      if not self.skip_corrupt:
-        raise groups.CorruptImage(f"{where}: corrupt image (feature cache "
-                                  f"{self.path})")
-      skipped.append(where)
-      return None
-    return self._tokens(data)
+  def load(self, refs, where):
+    """refs (b, n) record ids -> (loaded, ok, skipped), as Decoder.load."""
+    ids = np.asarray(refs, np.int64)
+    none = ids < 0
+    if self.in_memory:
+      status = self._memory()[1][np.where(none, self.blank_id, ids)]
+      status[none] = _EMPTY
+    else:
+      want = ids[~none].tolist()
+      data = dict(zip(want, self.records.__getitems__(want) if want else []))
+      loaded = np.full(ids.shape, None, object)
+      status = np.full(ids.shape, _EMPTY, np.uint8)
+      for (g, k), i in np.ndenumerate(ids):
+        if i >= 0:
+          loaded[g, k], status[g, k] = data[i], _status(data[i])
+    ok, corrupt = status == _OK, status == _CORRUPT
+    if corrupt.any() and not self.skip_corrupt:
+      g, k = np.argwhere(corrupt)[0]
+      raise groups.CorruptImage(f"{where(g, k)}: corrupt image (feature "
+                                f"cache {self.path})")
+    if self.in_memory:
+      loaded = np.where(ok, ids, self.blank_id)
+    else:
+      loaded[~ok] = self.records[self.blank_id]
+    return loaded, ok, corrupt.sum(axis=1).astype(np.int32)
 
-  def stack(self, tokens):
-    """3 token arrays or None -> bfloat16 (3, N, D), bool (3,).
-
-    A slot without tokens gets the black image's, as the image pipeline's
-    zero-filled slot gives them.
-    """
-    out = np.stack([self.blank if t is None else t for t in tokens])
-    return out, np.array([t is not None for t in tokens])
+  def gather(self, loaded):
+    """`load`'s output (permuted, concatenated) -> bfloat16 (b, n, N, D)."""
+    if self.in_memory:
+      return self._memory()[0][loaded]
+    return np.frombuffer(b"".join(loaded.ravel()), DTYPE).reshape(
+        loaded.shape + self.shape)
 
 
-def _as_tokens(group):
-  """A group of token "images" -> the batch entry train.group_tokens reads."""
-  group = dict(group)
-  group["tokens"] = np.concatenate([group.pop("views"),
-                                    group.pop("distractors")])
-  return group
+def _as_tokens(batch):
+  """GroupMaker.batch's slots -> the batch entry train.group_tokens reads."""
+  batch = dict(batch)
+  batch["tokens"] = batch.pop("slots")
+  return batch
 
 
 def _cache_dir(config, cache_dir):
@@ -524,7 +560,7 @@ def train_dataset(config, process_index=None, process_count=None, *,
   """This process's training groups from the cache, a grain IterDataset.
 
   The image pipeline's stream (grain_pipeline.train_dataset) with tokens
-  looked up instead of images decoded: the same entries, per-epoch shuffle,
+  looked up instead of images decoded: the same entries, per-epoch order,
   process slicing and GroupMaker draws, hence the same groups in the same
   order. cache_dir: default config.input.feature_cache. model: the NearID
   the run trains (its tower is checked against the cache's sha256); default
@@ -535,16 +571,14 @@ def train_dataset(config, process_index=None, process_count=None, *,
   cache = Cache(_cache_dir(config, cache_dir))
   cache.check(config, model)
   lookup = TokenLookup(cache, cfg.skip_corrupt, in_memory_bytes)
-  maker = groups.GroupMaker(cfg.sources, lookup, cfg.seed, cfg.split)
-  mtg = _Rows(cache, groups.MTG) if cfg.mtg_repeat > 0 else None
-  # From memory a group is pure Python: reader threads would only contend
-  # for the GIL (demo loop 90-102 steps/s with 2, 132-135 with none; the
-  # train step runs asynchronously meanwhile either way).
-  return grain_pipeline.group_stream(cfg, _Rows(cache, groups.NEARID), mtg,
-                                     maker, process_index, process_count,
-                                     post=_as_tokens,
-                                     num_threads=0 if lookup.in_memory
-                                     else None)
+  maker = groups.GroupMaker(cfg.sources, lookup, cfg.seed, cfg.split,
+                            cache.refs(cfg.sources))
+  # From memory a batch is a few numpy gathers: reader threads would only
+  # contend for the GIL with the loop (measured in the README).
+  return grain_pipeline.group_stream(
+      cfg, cache.num_nearid, cache.num_mtg if cfg.mtg_repeat > 0 else None,
+      maker, _as_tokens, process_index, process_count,
+      num_threads=0 if lookup.in_memory else None)
 
 
 def train_iterator(config, process_index=None, process_count=None, *,

@@ -105,52 +105,59 @@ def test_cached_tokens_are_the_towers(data, in_memory_bytes):
   neg = {s: hf_format.Table(str(manual / f"NearID-{s}")) for s in SOURCES}
   assert meta["token_shape"] == [4, 64]  # (16 / 8)^2 patches, pico width
   assert cache.num_nearid == len(TRAIN) and cache.num_mtg == 5
-  # Every image of every train row, straight from the HF files.
-  refs, images, skipped = [], [], []
-  for position in range(cache.num_nearid):
-    record = cache.nearid_record(position)
-    r = record["index"]
-    assert r == TRAIN[position]
-    row = pos.row(r)
+  refs = cache.refs(SOURCES)
+  # Every image of every train row, straight from the HF files: its slot's
+  # record id -> (image, or None for no image / one that does not decode).
+  want, corrupt, where = {}, [], lambda g, k: f"slot {g}, {k}"
+  rows, views, dists = refs(0, np.arange(cache.num_nearid))
+  np.testing.assert_array_equal(rows, TRAIN)
+  for r, v, d in zip(rows, views, dists):
     for k in range(3):
-      slots = [(record["views"][k], row[f"images{k + 1}"])]
-      slots += [(record["distractors"][s][k], neg[s].row(r)[f"nimg{k + 1}"])
-                for s in SOURCES]
-      for ref, cell in slots:
-        got = lookup(ref, "here", skipped)
-        if cell is None:  # k >= n_images
-          assert got is None
-          continue
+      cells = [(v[k], pos.row(r)[f"images{k + 1}"])]
+      cells += [(d[s, k], neg[name].row(r)[f"nimg{k + 1}"])
+                for s, name in enumerate(SOURCES)]
+      for ref, cell in cells:
         try:
-          image = preprocess.resize_uint8(_decode(cell["bytes"]), 16)
+          want[ref] = None if cell is None else preprocess.resize_uint8(
+              _decode(cell["bytes"]), 16)
         except OSError:  # the two truncated images
-          assert got is None
-          continue
-        refs.append(got)
-        images.append(image)
+          want[ref] = None
+          corrupt.append(ref)
   mtg = hf_format.Table(str(manual / "mtg-dataset"), "train")
-  for position in range(cache.num_mtg):
-    record = cache.mtg_record(position)
-    row = mtg.row(record["index"])
+  rows, views, edits = refs(1, np.arange(cache.num_mtg))
+  for r, v, e in zip(rows, views, edits[:, 0]):
+    assert v[2] == e[2] == lookup.NONE  # MTG has two views
     for k in range(2):
-      for ref, field in ((record["views"][k], f"image_{k + 1}_original"),
-                         (record["edits"][k], f"image_{k + 1}_inpainted")):
-        refs.append(lookup(ref, "here", skipped))
-        images.append(preprocess.resize_uint8(_decode(row[field]["bytes"]),
-                                              16))
-  assert len(skipped) == 2 and meta["corrupt"] == 2
-  assert meta["images"] == len(refs)
-  # and the slots without an image get a black image's tokens
-  refs.append(lookup.blank)
-  images.append(np.zeros((16, 16, 3), np.uint8))
-  want = tower(np.stack(images))
-  got = np.stack(refs)
+      for ref, field in ((v[k], f"image_{k + 1}_original"),
+                         (e[k], f"image_{k + 1}_inpainted")):
+        want[ref] = preprocess.resize_uint8(
+            _decode(mtg.row(int(r))[field]["bytes"]), 16)
+  assert sorted(want) == list(range(cache.num_records))  # each record once
+  ids = np.array(sorted(want)).reshape(-1, 1)
+  loaded, ok, skipped = lookup.load(ids, where)
+  np.testing.assert_array_equal(ok[:, 0], [want[i] is not None for i in
+                                           sorted(want)])
+  assert skipped.sum() == len(corrupt) == meta["corrupt"] == 2
+  assert meta["images"] == ok.sum()
+  got = lookup.gather(loaded)[:, 0]
   assert got.dtype == feature_cache.DTYPE
+  # Slots without an image get the black image's tokens.
+  black = np.zeros((16, 16, 3), np.uint8)
+  images = np.stack([black if want[i] is None else want[i]
+                     for i in sorted(want)])
+  want = tower(images)
   _assert_bf16_close(got, want)
   # Different images give tokens far apart: the comparisons above (and the
   # group comparisons below) tell one image, or source, from another.
-  gaps = np.abs(want[1:] - want[:-1]).max(axis=(1, 2))
-  assert gaps.min() > 10 * BF16_RTOL * np.abs(want).max()
+  real = want[ok[:, 0]]
+  gaps = np.abs(real[1:] - real[:-1]).max(axis=(1, 2))
+  assert gaps.min() > 10 * BF16_RTOL * np.abs(real).max()
+  # A missing slot is no image; a corrupt one stops unless skipped.
+  assert not lookup.load(np.array([[lookup.NONE]]), where)[1].any()
+  strict = feature_cache.TokenLookup(cache, in_memory_bytes=in_memory_bytes)
+  with pytest.raises(input_pipeline.CorruptImage,
+                     match=r"slot 0, 1: corrupt image \(feature cache "):
+    strict.load(np.array([[ids[0, 0], corrupt[0]]]), where)
 
 
 def _take(it, n):

@@ -9,6 +9,7 @@ from PIL import Image
 import pytest
 
 import input_pipeline
+from input_pipeline import grain_pipeline
 from input_pipeline import groups
 from input_pipeline import hf_format
 from input_pipeline import splits as splits_lib
@@ -129,6 +130,22 @@ def test_mtg_groups_mixed_in_with_repeats(data):
           g["views"][j], _decode(row[f"image_{k + 1}_original"]["bytes"])))
       edit = _decode(row[f"image_{k + 1}_inpainted"]["bytes"])
       np.testing.assert_array_equal(g["distractors"][j], edit)
+
+
+def test_groups_do_not_depend_on_the_batch_size(data):
+  _, cfg = data
+  make = lambda b: input_pipeline.train_iterator(_config(
+      cfg.manual_dir, cfg.data_dir, mtg_repeat=1, batch_size=b), 0, 1)
+  batches = _take(make(4), 6)  # > 1 epoch of NearID and MTG entries
+  # Batches mixing both datasets are made as one.
+  assert any(0 < b["is_mtg"].sum() < 4 for b in batches)
+  _assert_same(_groups(batches), _groups(_take(make(1), 24)))
+
+
+def test_encoded_images_keep_trailing_nul_bytes():
+  # (A fixed-width numpy bytes array would strip them.)
+  cells = grain_pipeline._cells([b"png\x00\x00", b"\x00"])  # pylint: disable=protected-access
+  assert list(cells) == [b"png\x00\x00", b"\x00", b""]
 
 
 @pytest.mark.parametrize("count", [2, 4])
