@@ -21,6 +21,9 @@ One row per measured thing, each from the benchmark module that owns it
                 torch.compile only ever wraps the head + loss)
   embed         tower + head forward, B/16@224, batch 8, vs transformers
   eval_embed    evaluation embedding of the demo tower, both heads
+  eval_split    a training evaluation after the first (demo tower, trained
+                head): from the tower tokens the first one kept vs from
+                the split's images
   scoring       ssr and eval_retrieval: scoring a 500-row test split
                 (7 sources, D=1152): SSR/PA, identity retrieval
   retrieval     exact top-10 over a 100,000 x 1152 gallery vs faiss-cpu
@@ -109,6 +112,8 @@ BENCHMARKS = {
                    **QUICK_ONCE)),
     "eval_embed": (eval_throughput.embed_rows, dict(repeats=3),
                    dict(rows=2, repeats=1)),
+    "eval_split": (eval_throughput.split_rows, dict(repeats=3),
+                   dict(identities=12, rows=2, repeats=1)),
     "scoring": (eval_throughput.scoring_rows, dict(repeats=3),
                 dict(rows=40, dim=32, repeats=1)),
     "retrieval": (retrieval_throughput.rows, dict(),

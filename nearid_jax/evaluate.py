@@ -76,20 +76,44 @@ def head_module(arch, head_params):
   return vit.NearIDHead(arch, proj["kernel"].shape[1] if proj else None)
 
 
+def _tokens(tower, tower_params, images):
+  """uint8 (..., R, R, 3) -> the tower's tokens (..., N, D)."""
+  lead = images.shape[:-3]
+  x = preprocess.scale(images.reshape((-1,) + images.shape[-3:]))
+  t = tower.apply({"params": tower_params}, x.astype(tower.dtype))
+  return t.reshape(lead + t.shape[-2:])
+
+
+def _pool(arch, mesh, heads, tokens):
+  """(..., N, D) tokens -> {head: (..., D)}, replicated so that every process
+  reads every row."""
+  lead = tokens.shape[:-2]
+  t = tokens.reshape((-1,) + tokens.shape[-2:])
+  out = {name: head_module(arch, h).apply({"params": h}, t)
+         for name, h in heads.items()}
+  return jax.lax.with_sharding_constraint(
+      {k: v.reshape(lead + v.shape[-1:]) for k, v in out.items()},
+      NamedSharding(mesh, P()))
+
+
+# The jitted functions of one tower on one mesh (compiled per input shape).
 @functools.lru_cache
 def _embed_fn(tower, arch, mesh):
-  """The jitted embed of one tower on one mesh (compiled per input shape)."""
-  def embed(tower_params, heads, images):
-    lead = images.shape[:-3]
-    x = preprocess.scale(images.reshape((-1,) + images.shape[-3:]))
-    tokens = tower.apply({"params": tower_params}, x.astype(tower.dtype))
-    out = {name: head_module(arch, h).apply({"params": h}, tokens)
-           for name, h in heads.items()}
-    # Replicated, so that every process reads every row.
-    return jax.lax.with_sharding_constraint(
-        {k: v.reshape(lead + v.shape[-1:]) for k, v in out.items()},
-        NamedSharding(mesh, P()))
-  return jax.jit(embed, compiler_options=xla_flags.tower_options(arch))
+  return jax.jit(lambda p, heads, images: _pool(arch, mesh, heads,
+                                                _tokens(tower, p, images)),
+                 compiler_options=xla_flags.tower_options(arch))
+
+
+@functools.lru_cache
+def _tower_fn(tower, arch, mesh):
+  return jax.jit(functools.partial(_tokens, tower),
+                 out_shardings=sharding.batch_sharding(mesh),
+                 compiler_options=xla_flags.tower_options(arch))
+
+
+@functools.lru_cache
+def _heads_fn(arch, mesh):
+  return jax.jit(functools.partial(_pool, arch, mesh))
 
 
 class Embedder:
@@ -99,7 +123,8 @@ class Embedder:
   weight axis, a no-op when training already placed them so), the heads
   replicated; each call's images are this process's share of a global batch,
   split over "data". Compiled once per (tower, image shape, head structure),
-  shared by every Embedder of an equal tower on the same mesh.
+  shared by every Embedder of an equal tower on the same mesh. `tokens` and
+  `pool` are the two halves of a call, for tokens kept between calls.
   """
 
   def __init__(self, model, heads, mesh):
@@ -119,6 +144,38 @@ class Embedder:
     images = sharding.global_batch(np.asarray(images), self.mesh)
     return _embed_fn(self.model.tower, self.model.arch, self.mesh)(
         self.tower_params, self.heads, images)
+
+  def tokens(self, images):
+    """uint8 (b, ..., R, R, 3) -> this process's tokens (b, ..., N, D), host."""
+    images = sharding.global_batch(np.asarray(images), self.mesh)
+    tokens = _tower_fn(self.model.tower, self.model.arch, self.mesh)(
+        self.tower_params, images)
+    return np.asarray(multihost_utils.global_array_to_host_local_array(
+        tokens, self.mesh, P(sharding.DATA)))
+
+  def pool(self, tokens):
+    """`tokens`' output -> {head: (B, ..., D)}, as a call on the images."""
+    return _heads_fn(self.model.arch, self.mesh)(
+        self.heads, sharding.global_batch(tokens, self.mesh))
+
+
+class SplitTokens:
+  """One split's tower tokens, kept for later evaluations of other heads.
+
+  The tower is frozen during training, so its tokens of the evaluation split
+  never change: embed_split fills this on its first call (this process's
+  rows, on the host, in the tower's dtype) and later calls run only the
+  heads. Host memory: rows x (3 + 3 S) slots x N x D x dtype bytes, padding
+  rows included (the paper's test split, 512 rows x 7 sources, and MTG's
+  128 x 6 slots, at So400m/14@384 in bfloat16: about 22 GB; 29 MB in the
+  demo).
+  """
+
+  def __init__(self):
+    self.key = self.batches = None
+
+  def nbytes(self):
+    return sum(t.nbytes for _, slots in self.batches or () for t in slots)
 
 
 def check_head(model, head_params, what):
@@ -149,8 +206,11 @@ def _eval_batch_size(batch_size, mesh):
   return int(-(-batch_size // unit) * unit)
 
 
+_ROW_KEYS = ("index", "valid", "view_mask", "distractor_mask", "oracle")
+
+
 def embed_split(model, heads, cfg, split, sources=None, mesh=None,
-                batch_size=None, dataset="nearid"):
+                batch_size=None, dataset="nearid", tokens=None):
   """Embeds every view and distractor of a split with each head.
 
   Args:
@@ -163,6 +223,9 @@ def embed_split(model, heads, cfg, split, sources=None, mesh=None,
     batch_size: global rows per batch (default cfg.batch_size), rounded up to
       a multiple of the data axis and of the process count.
     dataset: "nearid" or "mtg".
+    tokens: a SplitTokens: filled with the split's tower tokens by the first
+      call, then the images are neither read nor run through the tower
+      again (the same split, sources, batch size and tower only).
 
   Returns:
     an Embedded.
@@ -182,18 +245,37 @@ def embed_split(model, heads, cfg, split, sources=None, mesh=None,
   mesh = mesh or sharding.make_mesh([(sharding.DATA, -1)])
   batch_size = _eval_batch_size(batch_size or cfg.batch_size, mesh)
   embedder = Embedder(model, heads, mesh)
-  host = {k: [] for k in ("index", "valid", "view_mask", "distractor_mask",
-                          "oracle")}
+
+  def from_images():
+    """(row metadata of the global batch, this process's images per slot
+    group: views, then each source's distractors)."""
+    for batch in input_pipeline.eval_batches(cfg, split, sources, batch_size,
+                                             dataset):
+      meta = {k: _gather(batch[k]) for k in _ROW_KEYS if k in batch}
+      d = batch["distractors"]
+      # One call per slot group: memory is batch * 3 images whatever S is.
+      yield meta, [batch["views"]] + [d[:, k] for k in range(d.shape[1])]
+
+  if tokens is None:
+    embedded = ((meta, [embedder(x) for x in slots])
+                for meta, slots in from_images())
+  else:
+    key = (split, sources, dataset, batch_size, model.arch)
+    if tokens.batches is None:
+      tokens.batches = [(meta, [embedder.tokens(x) for x in slots])
+                        for meta, slots in from_images()]
+      tokens.key = key
+    elif tokens.key != key:
+      raise ValueError(f"SplitTokens of {tokens.key} asked for {key}")
+    embedded = ((meta, [embedder.pool(t) for t in slots])
+                for meta, slots in tokens.batches)
+  host = {k: [] for k in _ROW_KEYS}
   views, dists = [], []
-  for batch in input_pipeline.eval_batches(cfg, split, sources, batch_size,
-                                           dataset):
-    s = batch["distractors"].shape[1]
-    # One call per slot group: memory is batch * 3 images whatever S is.
-    views.append(embedder(batch["views"]))
-    dists.append([embedder(batch["distractors"][:, k]) for k in range(s)])
-    for k in host:
-      if k in batch:
-        host[k].append(_gather(batch[k]))
+  for meta, out in embedded:
+    for k, v in meta.items():
+      host[k].append(v)
+    views.append(out[0])
+    dists.append(out[1:])
     views[-1], dists[-1] = jax.device_get((views[-1], dists[-1]))
   if not views:
     what = "MTG" if dataset == "mtg" else f"NearID ({', '.join(sources)})"
@@ -293,10 +375,11 @@ def nearid(model, heads, cfg_input, split, sources=None, mesh=None,
   return nearid_scores(emb, mesh)
 
 
-def mtg(model, heads, cfg_input, mesh=None, batch_size=None, split=MTG_SPLIT):
+def mtg(model, heads, cfg_input, mesh=None, batch_size=None, split=MTG_SPLIT,
+        tokens=None):
   """MTG SSR, PA, M-O and M-O_pair of each head (mtg_scores)."""
   return mtg_scores(embed_split(model, heads, cfg_input, split, None, mesh,
-                                batch_size, dataset="mtg"))
+                                batch_size, dataset="mtg", tokens=tokens))
 
 
 def mtg_prepared(cfg_input):
@@ -331,17 +414,21 @@ def scalars(scores, prefix):
   return out
 
 
-def evaluate_heads(model, heads, config, mesh, split=None):
+def evaluate_heads(model, heads, config, mesh, split=None, tokens=None):
   """NearID (+ MTG when config.eval.mtg and MTG is prepared), head-major.
 
+  tokens: {"nearid": SplitTokens, "mtg": SplitTokens} kept between calls
+  (make_evaluator's), or None.
   -> ({head: {"nearid": ..., "mtg": ...}}, the NearID Embedded).
   """
   ev, cfg = config.eval, config.input
+  tokens = tokens or {}
   emb = embed_split(model, heads, cfg, split or ev.split, None, mesh,
-                    ev.batch_size)
+                    ev.batch_size, tokens=tokens.get("nearid"))
   scores = {h: {"nearid": r} for h, r in nearid_scores(emb, mesh).items()}
   if ev.mtg and mtg_prepared(cfg):
-    for h, r in mtg(model, heads, cfg, mesh, ev.batch_size).items():
+    for h, r in mtg(model, heads, cfg, mesh, ev.batch_size,
+                    tokens=tokens.get("mtg")).items():
       scores[h]["mtg"] = r
   return scores, emb
 
@@ -352,11 +439,16 @@ def make_evaluator(config, mesh, baseline_head):
   Scores the model's head ("eval/...") on config.eval.split and, on its first
   call only, the baseline head ("baseline/..."): the frozen head never
   changes, so its scores are cached and repeated in every later result.
+  With config.eval.cache_tokens the frozen tower's tokens of the split are
+  kept from the first call too (SplitTokens: later calls run only the head;
+  `model`'s tower must then stay the same, as in training).
   """
   # On the host: the train step donates the state's buffers, which may be
   # these very arrays.
   baseline_head = jax.device_get(baseline_head)
   baseline = {}
+  tokens = ({"nearid": SplitTokens(), "mtg": SplitTokens()}
+            if config.eval.cache_tokens else None)
 
   def evaluate(model, step):
     del step
@@ -364,7 +456,7 @@ def make_evaluator(config, mesh, baseline_head):
     heads = {"trained": model.params["head"]}
     if not baseline:
       heads["baseline"] = baseline_head
-    scores, _ = evaluate_heads(model, heads, config, mesh)
+    scores, _ = evaluate_heads(model, heads, config, mesh, tokens=tokens)
     if "baseline" in scores:
       baseline.update(scalars(scores["baseline"], "baseline"))
     return {**scalars(scores["trained"], "eval"), **baseline,

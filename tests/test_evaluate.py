@@ -264,6 +264,44 @@ def test_mtg_equals_reference(data, model, heads):
                                  err_msg=f"{name} {k}")
 
 
+def test_kept_tokens_give_the_embeddings_without_the_images(
+    data, model, heads, monkeypatch):
+  mesh = mesh_4x2()
+  kept = {"nearid": evaluate.SplitTokens(), "mtg": evaluate.SplitTokens()}
+  args = (data, SPLIT, SOURCES, mesh)
+  first = evaluate.embed_split(model, {"baseline": heads["baseline"]}, *args,
+                               tokens=kept["nearid"])
+  first_mtg = evaluate.mtg(model, heads, data, mesh, tokens=kept["mtg"])
+  # The tokens of every slot (4 data shards' rows), in the tower's dtype.
+  n = 4 * 3 * (1 + len(SOURCES)) * model.arch.num_patches * model.arch.width
+  assert kept["nearid"].nbytes() == len(kept["nearid"].batches) * n * 4
+
+  def no_images(*a, **k):
+    raise AssertionError("images read again")
+  monkeypatch.setattr(input_pipeline, "eval_batches", no_images)
+  again = evaluate.embed_split(model, heads, *args, tokens=kept["nearid"])
+  monkeypatch.undo()
+  want = evaluate.embed_split(model, heads, *args)
+  for emb in (first, again):
+    np.testing.assert_array_equal(emb.index, want.index)
+    np.testing.assert_array_equal(emb.distractor_mask, want.distractor_mask)
+  for name in heads:  # one jit or two: the same numbers to float32 noise
+    np.testing.assert_allclose(again.views[name], want.views[name],
+                               atol=1e-6)
+    np.testing.assert_allclose(again.distractors[name],
+                               want.distractors[name], atol=1e-6)
+  np.testing.assert_allclose(first.views["baseline"], want.views["baseline"],
+                             atol=1e-6)
+  monkeypatch.setattr(input_pipeline, "eval_batches", no_images)
+  mtg_again = evaluate.mtg(model, heads, data, mesh, tokens=kept["mtg"])
+  for name in heads:
+    for k, v in first_mtg[name].items():
+      assert mtg_again[name][k] == pytest.approx(v, abs=1e-6), (name, k)
+  with pytest.raises(ValueError, match="SplitTokens of .* asked for"):
+    evaluate.embed_split(model, heads, data, SPLIT, SOURCES[:1], mesh,
+                         tokens=kept["nearid"])
+
+
 def tiny_config(data, **kw):
   c = training_config()
   c.model.variant, c.model.res, c.model.scan = "pico/8", RES, False
@@ -278,8 +316,11 @@ def tiny_config(data, **kw):
   return c
 
 
-def test_evaluator_keys_and_cached_baseline(data, model, heads, monkeypatch):
+@pytest.mark.parametrize("cache_tokens", [True, False])
+def test_evaluator_keys_and_cached_baseline(data, model, heads, monkeypatch,
+                                            cache_tokens):
   config = tiny_config(data)
+  config.eval.cache_tokens = cache_tokens
   mesh = sharding.make_mesh(config.mesh)
   calls = []
   original = evaluate.embed_split
