@@ -15,9 +15,9 @@ them for as many epochs as the run has:
 
 `train.make_train_step` takes such a batch as it is (`train.group_tokens`).
 The groups are made by the image pipeline's own groups.GroupMaker with its
-decoder replaced by a token lookup, on the same per-epoch shuffle, so a
-cached run sees the same groups in the same order as an uncached one with
-the same config; the iterator is a grain DatasetIterator (get_state /
+decoder replaced by a token lookup (TokenLookup), on the same per-epoch
+order, so a cached run sees the same groups in the same order as an
+uncached one with the same config; the iterator is a grain DatasetIterator (get_state /
 set_state), saved with the train state like the image iterator.
 
 A cache directory (visible to every process: the reader's global shuffle
@@ -44,9 +44,10 @@ rounding, and finite (all-zero tokens can make a zero embedding, whose
 normalisation has a NaN gradient that masking does not stop).
 
 A cache up to IN_MEMORY_BYTES (1 GiB; the demo's is 59 MB) is read into
-memory by each reading process at its first lookup and served from there,
-without reader threads (its lookups are pure Python); a bigger one (the
-paper's So400m cache: hundreds of GB) is read record by record from disk.
+one token array by each reading process at its first lookup and a batch is
+one fancy-index of it, made without reader threads; a bigger one (the
+paper's So400m cache: hundreds of GB) is read from disk, a batch's records
+in one batched ArrayRecord read.
 """
 import glob
 import hashlib
