@@ -4,6 +4,7 @@ the metrics of SPEC §5 applied to those embeddings."""
 import io
 import json
 import os
+import sys
 
 import jax
 import numpy as np
@@ -13,6 +14,7 @@ from PIL import Image
 import input_pipeline
 from configs.common import training_config
 from fake_data import FakeGroups
+import workers
 from input_pipeline import hf_format
 from input_pipeline import synthetic
 from nearid_jax import evaluate
@@ -49,24 +51,27 @@ def _shifted_rows(original):
   return rows
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-  root = tmp_path_factory.mktemp("evaldata")
-  manual = os.path.join(root, "hf")
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(synthetic, "nearid_rows", _shifted_rows(synthetic.nearid_rows))
-    synthetic.generate(manual, num_identities=14, res=RES, sources=SOURCES,
-                       mtg=20)
+def _input_config(root):
   cfg = input_pipeline.default_config()
-  cfg.data_dir, cfg.manual_dir = os.path.join(root, "tfds"), manual
+  cfg.data_dir = os.path.join(root, "tfds")
+  cfg.manual_dir = os.path.join(root, "hf")
   cfg.sources = cfg.eval_sources = SOURCES
   cfg.res, cfg.batch_size, cfg.mtg_repeat = RES, 4, 0
-  input_pipeline.prepare(cfg)
   return cfg
 
 
 @pytest.fixture(scope="module")
-def towers():
+def data(tmp_path_factory):
+  cfg = _input_config(str(tmp_path_factory.mktemp("evaldata")))
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(synthetic, "nearid_rows", _shifted_rows(synthetic.nearid_rows))
+    synthetic.generate(cfg.manual_dir, num_identities=14, res=RES,
+                       sources=SOURCES, mtg=20)
+  input_pipeline.prepare(cfg)
+  return cfg
+
+
+def _towers():
   """Canonical flat params: a random pico tower + head, and the same tower
   with another head (the first head's weights plus noise)."""
   arch = vit.Arch.from_variant("pico/8", RES)
@@ -77,17 +82,26 @@ def towers():
   return arch, [flat, other]
 
 
+def _model_and_heads(towers):
+  arch, flats = towers
+  model = NearID(arch, split_params(flats[0], arch, False))
+  return model, {"baseline": model.params["head"],
+                 "trained": split_params(flats[1], arch, False)["head"]}
+
+
+@pytest.fixture(scope="module")
+def towers():
+  return _towers()
+
+
 @pytest.fixture(scope="module")
 def model(towers):
-  arch, flats = towers
-  return NearID(arch, split_params(flats[0], arch, False))
+  return _model_and_heads(towers)[0]
 
 
 @pytest.fixture(scope="module")
-def heads(model, towers):
-  arch, flats = towers
-  return {"baseline": model.params["head"],
-          "trained": split_params(flats[1], arch, False)["head"]}
+def heads(towers):
+  return _model_and_heads(towers)[1]
 
 
 def mesh_4x2():
@@ -484,3 +498,45 @@ def test_dreambench_scores(model, tmp_path):
                      r", 1 unknown \(first \['object_bird_0'\]\)"):
     evaluate.dreambench(model, pairs, str(human), str(tmp_path / "o2"),
                         method)
+
+
+def _worker(pid, nproc, port, root, out):
+  """One process of test_two_processes_keep_their_rows_tokens."""
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(f"localhost:{port}", nproc, pid)
+  model, heads = _model_and_heads(_towers())
+  mesh = sharding.make_mesh([("data", -1)])
+  kept = evaluate.SplitTokens()
+  run = lambda: evaluate.embed_split(model, heads, _input_config(root), SPLIT,
+                                     SOURCES, mesh, tokens=kept)
+  first, again = run(), run()
+  if jax.process_index() == 0:
+    np.savez(out, **{f"{which}/{part}/{h}": getattr(emb, part)[h]
+                     for which, emb in (("first", first), ("again", again))
+                     for part in ("views", "distractors") for h in heads})
+  print(f"process {jax.process_index()}/{jax.process_count()}: "
+        f"{len(jax.devices())} devices, kept {kept.nbytes()} bytes",
+        flush=True)
+
+
+def test_two_processes_keep_their_rows_tokens(data, model, heads, tmp_path):
+  out = str(tmp_path / "emb.npz")
+  outs = workers.run(__file__, 2, os.path.dirname(data.data_dir), out)
+  # Each process keeps its own rows' tokens: half of a one-process run's.
+  kept = [int(o.split("kept ")[1].split(" bytes")[0]) for o in outs]
+  assert "process 1/2: 4 devices" in outs[1] and kept[0] == kept[1] > 0
+  one = evaluate.SplitTokens()
+  want = evaluate.embed_split(model, heads, data, SPLIT, SOURCES, mesh_4x2(),
+                              tokens=one)
+  assert sum(kept) == one.nbytes()
+  got = np.load(out)
+  for which in ("first", "again"):
+    for h in heads:
+      np.testing.assert_allclose(got[f"{which}/views/{h}"], want.views[h],
+                                 atol=2e-5)
+      np.testing.assert_allclose(got[f"{which}/distractors/{h}"],
+                                 want.distractors[h], atol=2e-5)
+
+
+if __name__ == "__main__":
+  _worker(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), *sys.argv[4:6])

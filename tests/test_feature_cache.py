@@ -5,8 +5,6 @@ Run as a script, this file is one process of a multi-process write.
 import io
 import os
 import pickle
-import socket
-import subprocess
 import sys
 
 import grain
@@ -26,6 +24,7 @@ from nearid_jax import sharding
 from nearid_jax import train
 from nearid_jax.model import frozen_tokens
 from nearid_jax.model import NearID
+import workers
 
 SOURCES = ("Flux", "Qwen")
 N = 12
@@ -369,22 +368,8 @@ def _worker(pid, nproc, port, data_dir, manual_dir, out):
 
 def test_two_processes_write_one_cache(data, tmp_path):
   config, manual, cache_dir, _, meta = data
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    port = s.getsockname()[1]
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-  env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(
-      __file__)))
   out = str(tmp_path / "cache")
-  procs = [subprocess.Popen(
-      [sys.executable, __file__, str(i), "2", str(port),
-       config.input.data_dir, str(manual), out], env=env,
-      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-           for i in range(2)]
-  outs = [p.communicate(timeout=300)[0] for p in procs]
-  for p, o in zip(procs, outs):
-    assert p.returncode == 0, o[-3000:]
+  outs = workers.run(__file__, 2, config.input.data_dir, manual, out)
   assert "process 1/2: 4 devices, done" in outs[1]
   # Each process wrote its share; together they are the one-process cache.
   two = feature_cache.Cache(out)

@@ -1,19 +1,14 @@
 """Two processes on localhost (2 CPU devices each) match one 4-device process."""
 import os
-import socket
 import subprocess
 import sys
 
 import numpy as np
 
+from workers import free_port
+
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                       "train_worker.py")
-
-
-def free_port():
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
 
 
 def start(out, pid, nproc, port, ndev, *opts):

@@ -20,10 +20,10 @@ from fake_data import FakeTokens
 from nearid_jax import checkpointing
 from nearid_jax import train
 from nearid_jax.model import NearID
-from test_multihost import free_port
 from test_multihost import start
 from test_multihost import wait
 from test_train import tiny_config
+from workers import free_port
 
 TOKENS, WIDTH = 4, 64  # pico/8 at 16 px
 
