@@ -49,6 +49,7 @@ def decode_mask(data):
 
 class Decoder:
   """Encoded bytes -> uint8 (res, res, 3); counts what skip_corrupt skipped."""
+  NONE = b""  # the ref of a slot without an image
 
   def __init__(self, res, resize="pil", skip_corrupt=False):
     if resize not in preprocess.RESIZE_METHODS:
@@ -77,8 +78,8 @@ class Decoder:
         out[k] = im
     return out, np.array([im is not None for im in images])
 
-  # The reader contract GroupMaker.batch uses (feature_cache.TokenLookup too).
-  NONE = b""  # the ref of a slot without an image
+  # GroupMaker.batch's reader contract (feature_cache.TokenLookup's too):
+  # NONE, load and gather.
 
   def load(self, refs, where):
     """refs (b, n) encoded images -> (loaded, ok, skipped).

@@ -17,8 +17,9 @@ them for as many epochs as the run has:
 The groups are made by the image pipeline's own groups.GroupMaker with its
 decoder replaced by a token lookup (TokenLookup), on the same per-epoch
 order, so a cached run sees the same groups in the same order as an
-uncached one with the same config; the iterator is a grain DatasetIterator (get_state /
-set_state), saved with the train state like the image iterator.
+uncached one with the same config; the iterator is a grain DatasetIterator
+(get_state / set_state), saved with the train state like the image
+iterator.
 
 A cache directory (visible to every process: the reader's global shuffle
 may ask any process for any row):
