@@ -483,7 +483,8 @@ class TokenLookup:
                        f"{len(self.records)} records, its metadata says "
                        f"{cache.num_records + 1}: rebuild it")
     self.blank_id = cache.num_records
-    self.blank = self._tokens(self.records[self.blank_id])
+    self._blank_record = self.records[self.blank_id]  # read once
+    self.blank = self._tokens(self._blank_record)
     limit = IN_MEMORY_BYTES if in_memory_bytes is None else in_memory_bytes
     self.in_memory = sum(os.path.getsize(s) for s in cache.shards) <= limit
     self._loaded = None
@@ -531,7 +532,7 @@ class TokenLookup:
     if self.in_memory:
       loaded = np.where(ok, ids, self.blank_id)
     else:
-      loaded[~ok] = self.records[self.blank_id]
+      loaded[~ok] = self._blank_record
     return loaded, ok, corrupt.sum(axis=1).astype(np.int32)
 
   def gather(self, loaded):
