@@ -130,9 +130,9 @@ def time_split(model, heads, mesh, rows_per_batch, identities, workdir,
   run = lambda tokens=None: evaluate.embed_split(
       model, {"trained": heads["trained"]}, cfg, "train", None, mesh,
       rows_per_batch, tokens=tokens)
-  emb = run()  # compiles; and fills the tokens, then compiles the head alone
-  run(kept)
-  run(kept)
+  emb = run()  # compiles the tower + head jit
+  run(kept)  # keeps the tokens; compiles the tower and the head alone
+  run(kept)  # untimed once from the kept tokens, as the images above
   times = common.time_calls({"images": run, "kept": lambda: run(kept)},
                             warmup=0, repeats=repeats)
   slots = -(-len(emb.index) // rows_per_batch) * rows_per_batch * (
