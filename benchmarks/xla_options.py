@@ -10,17 +10,20 @@ other settings) the train step of train.setup is compiled with XLA:CPU's
 YNNPACK library set three ways (nearid_jax/xla_flags.py):
 
   jaxlib default   what jaxlib 0.10.2 does unasked: YNNPACK subgraphs of
-                   dots with their elementwise neighbours, reductions, ...
+                   dots with their elementwise neighbours, reductions, ...,
+                   and 256-bit vectors in XLA's own loops
   no YNNPACK       XLA's loop emitters and Eigen's matmuls (nearid_jax's
                    process-wide default)
   YNNPACK dots     only the dots, each alone (what nearid_jax asks for
                    towers up to xla_flags.YNN_DOTS_MAX_WIDTH wide)
 
-The last two are jit compiler_options of one process, timed interleaved
-(common.time_calls, best call). jaxlib's default cannot be asked for that
-way, so a child process started with NEARID_XLA_DEFAULTS=0 times it, after
-the parent (its numbers come from another process: less comparable on a
-busy machine). The column nearid_jax uses for the tower is marked *.
+and the last two each with 512-bit vectors in XLA's loops (nearid_jax's
+process-wide default) and with jaxlib's 256. These four are jit
+compiler_options of one process, timed interleaved (common.time_calls,
+best call). jaxlib's default cannot be asked for that way, so a child
+process started with NEARID_XLA_DEFAULTS=0 times it, after the parent (its
+numbers come from another process: less comparable on a busy machine).
+The column nearid_jax uses for the tower is marked *.
 """
 import argparse
 import json
@@ -37,8 +40,12 @@ from nearid_jax import train
 from nearid_jax import xla_flags
 
 _YNN = "xla_cpu_experimental_ynn_fusion_type"
-SETTINGS = {"no YNNPACK": {_YNN: ""},
-            "YNNPACK dots": {_YNN: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}}
+_WIDTH = "xla_cpu_prefer_vector_width"
+_LIBRARY = {"no YNNPACK": "",
+            "YNNPACK dots": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+SETTINGS = {f"{name}{label}": {_YNN: value, _WIDTH: width}
+            for name, value in _LIBRARY.items()
+            for label, width in (("", 512), (", 256-bit", 256))}
 DEFAULT_TOWERS = "pico/8@48:32,Ti/16@224:1,B/16@224:1"
 
 

@@ -15,6 +15,15 @@ the README's table): without YNNPACK, So400m/14@384 (1 group) 22.8 s
 against 29.3 s with YNNPACK dots and 33.0 s with jaxlib's default; B/16
 about equal; the pico demo step 19% slower than with YNNPACK dots.
 
+The second default is a vector width of 512 bits for XLA's own loops
+(elementwise ops, reductions; not the dots, which are Eigen's or
+YNNPACK's). jaxlib asks LLVM for 256 unless told, a choice made for older
+Intel parts that slow down on 512-bit instructions; on the 2-core AMD EPYC
+(Zen 4) of the README's benchmarks, the softmax exp and GELU of the demo
+tower ran 18-23% faster at 512, the demo train step 4% and the B/16 step 4%
+(both widths in one process, benchmarks.xla_options). A CPU without
+AVX-512 keeps its own, narrower, vectors.
+
 XLA reads XLA_FLAGS once, when JAX starts its backend: import nearid_jax
 before running any JAX code for the defaults to apply. A flag the user
 already put in XLA_FLAGS is left as it is; NEARID_XLA_DEFAULTS=0 in the
@@ -27,7 +36,8 @@ import os
 import jax
 
 _YNN = "xla_cpu_experimental_ynn_fusion_type"
-DEFAULTS = {_YNN: ""}  # no YNNPACK fusions
+_WIDTH = "xla_cpu_prefer_vector_width"
+DEFAULTS = {_YNN: "", _WIDTH: "512"}  # no YNNPACK fusions; AVX-512 loops
 # Towers up to this wide get YNNPACK's dot kernels (only dots, each alone).
 YNN_DOTS_MAX_WIDTH = 64
 

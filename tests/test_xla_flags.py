@@ -14,6 +14,7 @@ from nearid_jax import xla_flags
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _FLAG = "--xla_cpu_experimental_ynn_fusion_type="
+_WIDTH = "--xla_cpu_prefer_vector_width=512"
 _PICO = vit.Arch.from_variant("pico/8@48")
 
 
@@ -21,17 +22,22 @@ def test_defaults_are_appended_and_user_flags_kept():
   env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
   xla_flags.add_defaults(env)
   assert env["XLA_FLAGS"] == ("--xla_force_host_platform_device_count=8 "
-                              + _FLAG)
+                              f"{_FLAG} {_WIDTH}")
   xla_flags.add_defaults(env)  # idempotent
   assert env["XLA_FLAGS"].count("ynn_fusion_type") == 1
+  assert env["XLA_FLAGS"].count("vector_width") == 1
 
-  mine = {"XLA_FLAGS": _FLAG + "eltwise"}
+  mine = {"XLA_FLAGS": f"{_FLAG}eltwise --xla_cpu_prefer_vector_width=256"}
   xla_flags.add_defaults(mine)
-  assert mine["XLA_FLAGS"] == _FLAG + "eltwise"
+  assert mine["XLA_FLAGS"] == f"{_FLAG}eltwise --xla_cpu_prefer_vector_width=256"
+
+  theirs = {"XLA_FLAGS": _FLAG + "eltwise"}
+  xla_flags.add_defaults(theirs)
+  assert theirs["XLA_FLAGS"] == f"{_FLAG}eltwise {_WIDTH}"
 
   empty = {}
   xla_flags.add_defaults(empty)
-  assert empty["XLA_FLAGS"] == _FLAG
+  assert empty["XLA_FLAGS"] == f"{_FLAG} {_WIDTH}"
 
   off = {"NEARID_XLA_DEFAULTS": "0", "XLA_FLAGS": "--xla_dump_to=/tmp/x"}
   xla_flags.add_defaults(off)
