@@ -88,15 +88,16 @@ def cache_rows(variant="So400m/14", res=384, groups=64, images=1,
 
 # name: (rows function, its keywords for the full run, for --quick). The
 # full run's repeats are what fits 10-20 minutes on 2 cores: the big towers
-# take seconds to a minute per call.
+# take seconds to a minute per call. The demo's steps are timed 5 to a call,
+# as the training loop runs them (train_throughput's docstring).
 BENCHMARKS = {
     "train_demo": (functools.partial(train_throughput.rows, "demo"),
-                   dict(warmup=2, repeats=10, torch_threads=(1,)),
+                   dict(warmup=2, repeats=20, torch_threads=(1,), steps=5),
                    dict(groups=2, try_compile=False, torch_threads=(1,),
-                        **QUICK_ONCE)),
+                        steps=2, **QUICK_ONCE)),
     "train_demo_cached": (
         functools.partial(train_throughput.rows, "demo", cached=True),
-        dict(warmup=2, repeats=20, torch_threads=(1,)),
+        dict(warmup=2, repeats=20, torch_threads=(1,), steps=5),
         dict(groups=2, try_compile=False, **QUICK_ONCE)),
     # Calls of seconds: a few milliseconds of spinning threads do not show.
     "train_b16": (functools.partial(train_throughput.rows, "b16"),

@@ -3,7 +3,7 @@
 Run from the repository root, e.g.
 
   .venv/bin/python -m benchmarks.train_throughput --which demo \
-      [--torch_threads 1] [--cached] [--json out.json]
+      [--torch_threads 1] [--cached] [--steps 5] [--json out.json]
   .venv/bin/python -m benchmarks.train_throughput --which b16 --groups 2
   .venv/bin/python -m benchmarks.train_throughput --which so400m --groups 1 \
       --warmup 1 --repeats 1 --no-compile
@@ -13,8 +13,11 @@ or configs/b16_224.py / configs/nearid_r7.py with a random tower; R7's tower
 runs in float32 here, as the matmul peak, where the paper's runs in bf16 on
 accelerators), `sharding.make_mesh`, `train.setup`, and random uint8
 batches shaped like the input pipeline's put on the mesh with
-`sharding.global_batch`; one timed call is
-`state, metrics = step(frozen, state, batch)`, blocked on.
+`sharding.global_batch`; one timed call is --steps (default 1) calls of
+`state, metrics = step(frozen, state, batch)`, blocked on after the last,
+as the training loop runs them: it never waits for a step before
+dispatching the next, so JAX's dispatch of a step (0.7-1.0 ms for the
+demo's, measured apart) overlaps the step before it.
 
 The PyTorch step does the same work on the same weights: our model exported
 with `NearID.export(format="hf-siglip")` and read by
@@ -37,7 +40,9 @@ libraries (no tower pass; PyTorch reads them widened to float32).
 --settle (default 1) makes an untimed call of each step right before each
 timed one, and --settle_s (default 0.03) more until that many seconds have
 passed (common.time_calls: PyTorch's OpenMP workers keep spinning after
-a step or a matmul and would slow whatever is timed next).
+a step or a matmul and would slow whatever is timed next). A PyTorch call
+is --steps of its steps too (eager PyTorch on the CPU runs each before
+returning).
 """
 import argparse
 import os
@@ -213,14 +218,16 @@ def cached_batch(model, frozen, batch, mesh):
 
 
 def run_one(which, groups=0, tower="", warmup=2, repeats=5, try_compile=True,
-            torch_threads=(), settle=1, cached=False, settle_s=SETTLE_S):
+            torch_threads=(), settle=1, cached=False, settle_s=SETTLE_S,
+            steps=1):
   """Builds both steps for one config, checks the loss, times; -> results.
 
   groups: 0 = CPU_GROUPS[which]; tower: see make_config; torch_threads: other
   torch thread counts to time each PyTorch step with too (small steps can run
   faster on fewer threads, most of all on a loaded machine); settle,
   settle_s: see common.time_calls; cached: both steps train the head on the
-  batch's tokens rounded to bf16, as from the feature cache (no tower pass).
+  batch's tokens rounded to bf16, as from the feature cache (no tower pass);
+  steps: train steps per timed call, blocked on after the last.
   """
   config = make_config(which, groups or CPU_GROUPS[which], tower)
   m = config.model
@@ -264,10 +271,14 @@ def run_one(which, groups=0, tower="", warmup=2, repeats=5, try_compile=True,
 
   def jax_call():
     nonlocal state
-    state, metrics = step(frozen, state, jbatch)
+    for _ in range(steps):
+      state, metrics = step(frozen, state, jbatch)
     jax.block_until_ready(metrics)
 
-  calls = {"jax": jax_call, **tcalls}
+  def repeated(fn):
+    return lambda: [fn() for _ in range(steps)][-1]
+
+  calls = {"jax": jax_call, **{k: repeated(f) for k, f in tcalls.items()}}
   times, peaks = common.time_with_peak(calls, warmup=max(warmup - 1, 0),
                                        repeats=repeats, settle=settle,
                                        settle_s=settle_s)
@@ -276,7 +287,7 @@ def run_one(which, groups=0, tower="", warmup=2, repeats=5, try_compile=True,
   # No FLOP/s for the cached step: a few small ops, not matmul-bound.
   flops = None if cached else forward_flops(arch, b * SLOTS)
   r = {"which": which, "cached": cached, "variant": m.variant, "res": m.res,
-       "groups": b,
+       "groups": b, "steps_per_call": steps,
        "reduced_for_cpu": reduced, "images_per_step": b * SLOTS,
        "scan": model.scan, "mesh": dict(mesh.shape),
        "torch_compile": compile_note, "loss_jax": ours, "loss_torch": theirs,
@@ -289,9 +300,10 @@ def run_one(which, groups=0, tower="", warmup=2, repeats=5, try_compile=True,
                          f"{dict(mesh.shape)})", **labels}}
   for impl in calls:
     s = common.summarize(times[impl])
-    s["images_per_s"] = b * SLOTS / s["best_wall_s"]
+    s["images_per_s"] = b * SLOTS * steps / s["best_wall_s"]
     if flops:
-      s["pct_of_peak_fwd"] = 100 * flops / s["best_wall_s"] / peak["peak"]
+      s["pct_of_peak_fwd"] = (100 * flops * steps / s["best_wall_s"]
+                              / peak["peak"])
     r[impl] = s
   # Against PyTorch's faster variant: the target is about the best it does.
   best = common.best_of(r, tcalls)
@@ -305,7 +317,8 @@ def run_one(which, groups=0, tower="", warmup=2, repeats=5, try_compile=True,
           + ", ".join(f"{k} {r[k]['pct_of_peak_fwd']:.0f}%" for k in calls)
           + " of it", flush=True)
   for impl in calls:
-    print(f"{impl}: wall s/step {r[impl]['all_wall_s']}", flush=True)
+    print(f"{impl}: wall s per call of {steps} step(s) "
+          f"{r[impl]['all_wall_s']}", flush=True)
   return r
 
 
@@ -320,11 +333,14 @@ def rows(which, **kw):
   if r["cached"]:
     tower = (f"head on the cached bf16 tokens of {r['variant']}@{r['res']}, "
              f"{batch}")
+  steps = r["steps_per_call"]
+  if steps > 1:
+    tower += f", {steps} steps per call"
   return [common.suite_row(
       f"train_{which}" + ("_cached" if r["cached"] else ""), tower,
       r["labels"]["jax"],
-      "img/s", r["images_per_step"], r["jax"],
-      flops=r["forward_flops_per_step"],
+      "img/s", r["images_per_step"] * steps, r["jax"],
+      flops=r["forward_flops_per_step"] and r["forward_flops_per_step"] * steps,
       peaks=(r["peak_flops"], r["peak_flops_per_cpu_s"]),
       ref=r[r["ratio_vs"]], ref_impl=r["labels"][r["ratio_vs"]],
       details=r)]
@@ -347,6 +363,9 @@ def main():
                       help="untimed calls of each step before each timed one")
   parser.add_argument("--settle_s", type=float, default=SETTLE_S,
                       help="and more untimed calls until this many seconds")
+  parser.add_argument("--steps", type=int, default=1,
+                      help="train steps per timed call (the loop's pattern: "
+                           "blocked on after the last)")
   parser.add_argument("--cached", action="store_true",
                       help="train the head on bf16 tokens, as from the "
                            "feature cache (both libraries skip the tower)")
@@ -362,14 +381,15 @@ def main():
         which, args.groups, args.tower, args.warmup, args.repeats,
         not args.no_compile,
         [int(n) for n in args.torch_threads.split(",") if n], args.settle,
-        args.cached, args.settle_s)
+        args.cached, args.settle_s, args.steps)
     name = f"{r['variant']}@{r['res']}, {r['groups']} groups x 6"
+    ms = 1e3 / args.steps  # per step
     for impl in r["labels"]:
       table.append([name, r["labels"][impl],
                     f"{r[impl]['images_per_s']:.4g}",
-                    f"{1e3 * r[impl]['best_wall_s']:.1f}",
-                    f"{1e3 * r[impl]['median_wall_s']:.1f}",
-                    f"{1e3 * r[impl]['best_cpu_s']:.1f}"])
+                    f"{ms * r[impl]['best_wall_s']:.1f}",
+                    f"{ms * r[impl]['median_wall_s']:.1f}",
+                    f"{ms * r[impl]['best_cpu_s']:.1f}"])
     table.append([name, f"**ratio JAX/{r['ratio_vs']}**",
                   f"**{r['ratio_images_per_s']:.2f}x**", "", "",
                   f"{r['ratio_cpu']:.2f}x"])
@@ -378,6 +398,7 @@ def main():
   print(f"\nCPU: {notes['cpu']}, {notes['cores']} cores, 1-min load avg "
         f"{notes['load_avg_1m']} at the end (shared machine); torch threads "
         f"{notes['torch_threads']}; XLA_FLAGS={notes['XLA_FLAGS']!r}; "
+        f"{args.steps} step(s) per call, "
         f"best of {args.repeats} interleaved calls after {args.warmup} "
         f"warm-up calls, each after {args.settle} untimed call(s) and at "
         f"least {args.settle_s} s of them\n")

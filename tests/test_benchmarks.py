@@ -46,6 +46,11 @@ def test_quick_suite_measures_every_row(tmp_path):
   for name in ("train_demo", "train_demo_cached", "train_b16",
                "train_so400m", "embed"):
     assert "PyTorch" in rows[name]["ref"], name  # measured in the same run
+  demo = rows["train_demo"]["details"]  # 2 steps a call in the quick run
+  assert demo["steps_per_call"] == 2
+  assert rows["train_demo"]["count"] == 2 * demo["images_per_step"]
+  assert rows["train_demo"]["gflops"] == pytest.approx(
+      2 * demo["forward_flops_per_step"] / demo["jax"]["best_wall_s"] / 1e9)
   assert "gflops" not in rows["train_demo_cached"]  # no tower, no FLOP/s
   assert rows["train_demo_cached"]["details"]["loss_rel_diff"] < 1e-4
   assert {t["row"] for t in result["targets"]} == {
