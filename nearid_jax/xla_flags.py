@@ -19,10 +19,10 @@ The second default is a vector width of 512 bits for XLA's own loops
 (elementwise ops, reductions; not the dots, which are Eigen's or
 YNNPACK's). jaxlib asks LLVM for 256 unless told, a choice made for older
 Intel parts that slow down on 512-bit instructions; on the 2-core AMD EPYC
-(Zen 4) of the README's benchmarks, the softmax exp and GELU of the demo
-tower ran 18-23% faster at 512, the demo train step 4% and the B/16 step 4%
-(both widths in one process, benchmarks.xla_options). A CPU without
-AVX-512 keeps its own, narrower, vectors.
+(Zen 4) of the README's benchmarks, XLA's exp and GELU on the demo tower's
+shapes ran ~18% faster at 512 (one-off timings), the demo train step 2-6%
+and the Ti/16 and B/16 steps 0-2% (benchmarks.xla_options: both widths in
+one process). A CPU without AVX-512 keeps its own, narrower, vectors.
 
 XLA reads XLA_FLAGS once, when JAX starts its backend: import nearid_jax
 before running any JAX code for the defaults to apply. A flag the user
