@@ -213,17 +213,20 @@ def _attention_pool(x, u):
 
   (B, N, D), (H, D) -> (B, H, D).
 
-  The backward is written out because autodiff's transposes of these
-  einsums run as (D, B*N) x (B*N, H) products in the layouts XLA:CPU is
-  slowest at: with the weights taken (B, N, H) there, the demo's cached step
-  (32 groups) went from 2.4-2.6 ms to 2.0-2.1 ms on 2 cores, one process.
+  The weights are laid out (B, N, H), tokens-major, forward and backward:
+  (B*N, D) x (D, H) reads the tokens as they lie, where (H, D) x (D, B*N)
+  had XLA:CPU copy them transposed first (0.26 ms a demo step). The
+  backward is written out because autodiff's transposes of these einsums
+  run as (D, B*N) x (B*N, H) products in the layouts XLA:CPU is slowest at:
+  with it, the demo's cached step (32 groups) went from 2.4-2.6 ms to
+  2.0-2.1 ms on 2 cores, one process.
   """
   return _attention_pool_fwd(x, u)[0]
 
 
 def _attention_pool_fwd(x, u):
-  w = jax.nn.softmax(jnp.einsum("bnd,hd->bhn", x, u), axis=-1)
-  return jnp.einsum("bhn,bnd->bhd", w, x), (x, u, jnp.swapaxes(w, 1, 2))
+  w = jax.nn.softmax(jnp.einsum("bnd,hd->bnh", x, u), axis=1)
+  return jnp.einsum("bnh,bnd->bhd", w, x), (x, u, w)
 
 
 def _attention_pool_bwd(res, g):
