@@ -39,11 +39,9 @@ from nearid_jax import sharding
 from nearid_jax import train
 from nearid_jax import xla_flags
 
-_YNN = "xla_cpu_experimental_ynn_fusion_type"
-_WIDTH = "xla_cpu_prefer_vector_width"
-_LIBRARY = {"no YNNPACK": "",
-            "YNNPACK dots": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
-SETTINGS = {f"{name}{label}": {_YNN: value, _WIDTH: width}
+_LIBRARY = {"no YNNPACK": "", "YNNPACK dots": xla_flags.YNN_INDIVIDUAL_DOTS}
+SETTINGS = {f"{name}{label}": {xla_flags.YNN_FLAG: value,
+                               xla_flags.WIDTH_FLAG: width}
             for name, value in _LIBRARY.items()
             for label, width in (("", 512), (", 256-bit", 256))}
 DEFAULT_TOWERS = "pico/8@48:32,Ti/16@224:1,B/16@224:1"

@@ -35,9 +35,11 @@ import os
 
 import jax
 
-_YNN = "xla_cpu_experimental_ynn_fusion_type"
-_WIDTH = "xla_cpu_prefer_vector_width"
-DEFAULTS = {_YNN: "", _WIDTH: "512"}  # no YNNPACK fusions; AVX-512 loops
+YNN_FLAG = "xla_cpu_experimental_ynn_fusion_type"
+WIDTH_FLAG = "xla_cpu_prefer_vector_width"
+YNN_INDIVIDUAL_DOTS = "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
+# No YNNPACK fusions; AVX-512 loops.
+DEFAULTS = {YNN_FLAG: "", WIDTH_FLAG: "512"}
 # Towers up to this wide get YNNPACK's dot kernels (only dots, each alone).
 YNN_DOTS_MAX_WIDTH = 64
 
@@ -71,10 +73,11 @@ def ynn_dots(environ=os.environ):
   YNNPACK fusions and with NEARID_XLA_DEFAULTS=0.
   """
   if (not _enabled(environ)
-      or _given(environ).get(_YNN, DEFAULTS[_YNN]) != DEFAULTS[_YNN]
+      or _given(environ).get(YNN_FLAG, DEFAULTS[YNN_FLAG])
+      != DEFAULTS[YNN_FLAG]
       or jax.default_backend() != "cpu"):
     return None
-  return {_YNN: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+  return {YNN_FLAG: YNN_INDIVIDUAL_DOTS}
 
 
 def tower_options(arch, environ=os.environ):
