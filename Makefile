@@ -1,8 +1,9 @@
-# The two commands of the README. Each makes .venv on first use.
+# The two commands of the README (and the quick test tier). Each makes .venv
+# on first use.
 PY := .venv/bin/python
 WORKDIR ?= runs/demo
 
-.PHONY: demo test bench
+.PHONY: demo test test-fast bench
 
 .venv/ok: requirements.txt requirements-test.txt
 	python3 -m venv .venv
@@ -16,5 +17,9 @@ demo: .venv/ok
 test: .venv/ok
 	$(PY) -m pytest -q tests
 
+# Everything but the tests marked slow (processes, training runs).
+test-fast: .venv/ok
+	$(PY) -m pytest -q -m "not slow" tests
+
 bench: .venv/ok
-	$(PY) benchmarks/embed_throughput.py
+	$(PY) -m benchmarks.suite

@@ -4,11 +4,19 @@
   python launch.py --config configs/nearid_r7.py:CKPT --workdir W [--mode train]
       modes: demo, prepare, cache, train, eval, export, sweep
   --config.FIELD=VALUE overrides any field; a misspelled one is an error.
+  --verbosity=0 (or higher) shows the libraries' INFO logs and progress
+  bars; by default only this project's progress lines and warnings show.
 """
+import logging
+import os
+import sys
+
 from absl import app
 from absl import flags
-import jax
+from absl import logging as absl_logging
 from ml_collections import config_flags
+
+from nearid_jax.cpu import xla_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.",
                                           lock_config=True)
@@ -25,15 +33,33 @@ _DISTRIBUTED = flags.DEFINE_bool(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _quiet_console():
+  """The libraries' logs (TFDS, orbax, grain: absl's; transformers') below
+  ERROR and their progress bars off, unless the command line asked for a
+  --verbosity. This project's own lines are prints and Python warnings."""
+  if any(a.startswith(("--verbosity", "-v=", "--v=")) for a in sys.argv[1:]):
+    return
+  absl_logging.set_verbosity(absl_logging.WARNING)  # the root logger's level
+  logging.getLogger("absl").setLevel(logging.ERROR)  # what libraries log
+  os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+  os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  tfds.disable_progress_bar()
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  _quiet_console()
+  # Before JAX starts its backend: XLA reads XLA_FLAGS once.
+  xla_flags.add_defaults(os.environ)
+  import jax  # pylint: disable=g-import-not-at-top
   if _DISTRIBUTED.value:
     jax.distributed.initialize()
   # Imported after flag parsing so that --help stays fast.
   from nearid_jax import tasks  # pylint: disable=g-import-not-at-top
+  from nearid_jax.training.preemption import Preempted  # pylint: disable=g-import-not-at-top
   config, workdir = _CONFIG.value, _WORKDIR.value
-  from nearid_jax.preemption import Preempted  # pylint: disable=g-import-not-at-top
   try:
     if _MODE.value == "sweep":
       tasks.sweep(config,

@@ -8,7 +8,7 @@ At So400m/14@384 token shapes (729 tokens x 1152), on this machine, with a
 random tower (configs/nearid_r7.py, model.init = ""). Timed with
 common.time_calls (best call):
   forward    the frozen tower on --images images (the jit feature_cache.write
-             and an uncached train step run: frozen_tokens), per image;
+             and an uncached train step run: tower_tokens), per image;
   head step  the train step as training builds it (train.setup), on a cached
              batch of --step-groups groups, tokens bfloat16 (g, 6, 729, 1152),
              per group;
@@ -50,12 +50,10 @@ import numpy as np
 import configs.nearid_r7
 from array_record.python import array_record_module
 from benchmarks import common
-from nearid_jax import feature_cache
-from nearid_jax import preprocess
+from nearid_jax.training import feature_cache
 from nearid_jax import sharding
-from nearid_jax import train
-from nearid_jax import xla_flags
-from nearid_jax.model import frozen_tokens
+from nearid_jax.training import train
+from nearid_jax.model import tower_tokens
 
 SLOTS = 6
 TRAIN_ROWS, ALL_ROWS = 18786, 19386          # SPEC.md §4
@@ -128,9 +126,8 @@ def run(args):
 
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (args.images, res, res, 3), np.uint8)
-  forward = jax.jit(lambda p, x: frozen_tokens(model.tower, p,
-                                               preprocess.scale(x)),
-                    compiler_options=xla_flags.tower_options(model.arch))
+  forward = jax.jit(lambda p, x: tower_tokens(model.tower, p, x),
+                    compiler_options=model.compiler_options)
 
   with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
     rows = 2 * args.step_groups

@@ -15,6 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
+from nearid_jax.cpu import xla_flags
+
+# The benchmarks are entry points: they run with launch.py's XLA:CPU
+# settings (read when JAX starts its backend, after this import).
+xla_flags.add_defaults()
+
 # Big enough for both libraries to reach their matmul peak (a smoke run,
 # benchmarks.suite --quick, lowers it: its peak means nothing).
 MATMUL_N = 2048

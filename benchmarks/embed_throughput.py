@@ -5,7 +5,7 @@ Run from the repository root, e.g.
   .venv/bin/python -m benchmarks.embed_throughput --variant B/16 --res 224 \
       --batch 8 --dtype float32 [--json out.json]
 
-Both models hold the same random weights: `random_init.random_tower` written
+Both models hold the same random weights: `model_lib.random_tower` written
 as a big_vision .npz and read with `NearID.load`, then exported with
 `NearID.export(format="hf-siglip")` and read with
 `transformers.SiglipVisionModel.from_pretrained`. Both get the same
@@ -31,7 +31,7 @@ import torch
 import transformers
 
 from benchmarks import common
-from nearid_jax import random_init
+from nearid_jax import model as model_lib
 from nearid_jax import vit
 from nearid_jax.formats import bigvision
 from nearid_jax.model import NearID
@@ -75,7 +75,7 @@ def forward_flops(arch, batch, heads=1):
 def build_models(arch, dtype, scan, workdir):
   """Same random weights in our NearID and a transformers SiglipVisionModel."""
   npz = os.path.join(workdir, "tower.npz")
-  bigvision.save(npz, random_init.random_tower(arch), two_tower=False)
+  bigvision.save(npz, model_lib.random_tower(arch), two_tower=False)
   ours = NearID.load(npz, dtype=dtype, scan=scan)
   hf_dir = ours.export(os.path.join(workdir, "hf"), format="hf-siglip")
   theirs = transformers.SiglipVisionModel.from_pretrained(hf_dir).eval()

@@ -18,14 +18,14 @@ rows) and SigLIP2 B/16@224 (random weights; --b16_rows rows per batch,
 reduced from configs' eval.batch_size 64 to fit a 2-core CPU; the table says
 how many). Each is the best of --repeats calls after a warm-up call.
 End to end, the demo tower also embeds a prepared synthetic split
-(evaluate.embed_split, the trained head as in a training evaluation after
+(embed.embed_split, the trained head as in a training evaluation after
 the first): from the images (grain decode + resize + tower + head) and from
-the tower tokens a first evaluation kept (evaluate.SplitTokens); images/s
+the tower tokens a first evaluation kept (embed.SplitTokens); images/s
 count every image slot embedded (padding included).
 
 Scoring (numpy/JAX on host embeddings, the paper's sizes): 500 test rows x 7
 pooled sources at D = 1152 (So400m), random unit embeddings with 2-3 views:
-per-source + pooled SSR/PA (evaluate.nearid_scores without retrieval) and
+per-source + pooled SSR/PA (nearid_eval.nearid_scores without retrieval) and
 identity retrieval (1,500 view queries vs 12,000 views + distractors).
 embed_rows, split_rows and scoring_rows give benchmarks.suite its rows.
 """
@@ -42,10 +42,11 @@ from benchmarks.embed_throughput import forward_flops
 from configs import demo as demo_config
 import input_pipeline
 from input_pipeline import synthetic
-from nearid_jax import evaluate
+from nearid_jax.evaluators import embed
+from nearid_jax.evaluators import nearid as nearid_eval
 from nearid_jax import metrics
-from nearid_jax import preprocess
-from nearid_jax import random_init
+from input_pipeline import preprocess
+from nearid_jax import model as model_lib
 from nearid_jax import sharding
 from nearid_jax import vit
 from nearid_jax.model import NearID
@@ -57,7 +58,7 @@ RETRIEVAL = "identity retrieval (R@1/5/10, mAP)"
 
 def build_model(arch, seed=0):
   """A random tower with two different random heads (baseline, trained)."""
-  flat = random_init.random_tower(arch, seed)
+  flat = model_lib.random_tower(arch, seed)
   model = NearID(arch, split_params(flat, arch, scan=arch.depth > 12))
   rng = np.random.default_rng(seed + 1)
   other = jax.tree.map(
@@ -74,8 +75,8 @@ def time_embed(model, heads, rows, mesh, repeats):
   res = model.arch.image_size
   images = np.random.default_rng(0).integers(0, 256, (rows, 3, res, res, 3),
                                              np.uint8)
-  both = evaluate.Embedder(model, heads, mesh)
-  one = evaluate.Embedder(model, {"trained": heads["trained"]}, mesh)
+  both = embed.Embedder(model, heads, mesh)
+  one = embed.Embedder(model, {"trained": heads["trained"]}, mesh)
   params = {h: {"img": model.params["img"], "head": p}
             for h, p in heads.items()}
   x = jax.device_put(preprocess.scale(
@@ -107,7 +108,7 @@ def embed_rows(rows=0, repeats=3):
   ours, ref = "both heads, one tower pass", "two full forwards"
   return [common.suite_row(
       "eval_embed", f"demo {dc.model.variant}@{dc.model.res}, {rows} rows x "
-      f"3 views, baseline + trained head", f"JAX evaluate.Embedder ({ours})",
+      f"3 views, baseline + trained head", f"JAX embed.Embedder ({ours})",
       "img/s", rows * 3, r[ours], flops=forward_flops(arch, rows * 3, heads=2),
       peaks=peaks, ref=r[ref], ref_impl=f"JAX, {ref} (one per head)",
       details=r)]
@@ -115,10 +116,10 @@ def embed_rows(rows=0, repeats=3):
 
 def time_split(model, heads, mesh, rows_per_batch, identities, workdir,
                repeats=1):
-  """evaluate.embed_split of a prepared synthetic split, the trained head
+  """embed.embed_split of a prepared synthetic split, the trained head
   alone (a training evaluation after the first): from the images (grain
   decode + resize + tower + head) and from the tower tokens a first call
-  kept (evaluate.SplitTokens: the head alone)."""
+  kept (embed.SplitTokens: the head alone)."""
   cfg = input_pipeline.default_config()
   cfg.manual_dir = os.path.join(workdir, "hf")
   cfg.data_dir = os.path.join(workdir, "tfds")
@@ -126,8 +127,8 @@ def time_split(model, heads, mesh, rows_per_batch, identities, workdir,
   cfg.res, cfg.mtg_repeat = model.arch.image_size, 0
   synthetic.generate(cfg.manual_dir, identities, 64, 0, cfg.sources)
   input_pipeline.prepare(cfg)
-  kept = evaluate.SplitTokens()
-  run = lambda tokens=None: evaluate.embed_split(
+  kept = embed.SplitTokens()
+  run = lambda tokens=None: embed.embed_split(
       model, {"trained": heads["trained"]}, cfg, "train", None, mesh,
       rows_per_batch, tokens=tokens)
   emb = run()  # compiles the tower + head jit
@@ -160,7 +161,7 @@ def split_rows(identities=120, rows=0, repeats=3):
       "eval_split", f"demo {dc.model.variant}@{dc.model.res}, a synthetic "
       f"split of {r['rows']} rows x (3 views + 3 x 3 sources), {rows} rows "
       f"per batch, trained head ({r['kept_bytes'] / 2 ** 20:.0f} MiB kept)",
-      "evaluate.embed_split from kept tokens (SplitTokens)", "img/s",
+      "embed.embed_split from kept tokens (SplitTokens)", "img/s",
       r["slots"], r["kept"], ref=r["images"],
       ref_impl="the same from the images (decode, tower, head)", details=r)]
 
@@ -172,8 +173,8 @@ def fake_split(rows=500, dim=1152, n_sources=7, seed=0):
   view_mask = np.ones((rows, 3), bool)
   view_mask[rng.uniform(size=rows) < 0.3, 2] = False
   dmask = np.broadcast_to(view_mask[:, None], (rows, n_sources, 3)).copy()
-  return evaluate.Embedded(
-      "test", evaluate.POOLED_SOURCES[:n_sources], np.arange(rows),
+  return embed.Embedded(
+      "test", nearid_eval.POOLED_SOURCES[:n_sources], np.arange(rows),
       view_mask, dmask, {"trained": unit(rng.standard_normal((rows, 3, dim)))},
       {"trained": unit(rng.standard_normal((rows, n_sources, 3, dim)))})
 
@@ -194,9 +195,9 @@ def time_scoring(repeats, rows=500, dim=1152):
     metrics.ssr_from_margins(*(np.concatenate(x) for x in zip(*margins)))
 
   fns = {SSR_PA: ssr_pa,
-         RETRIEVAL: lambda: evaluate.identity_retrieval(emb, "trained"),
-         "evaluate.nearid_scores (both of the above)":
-             lambda: evaluate.nearid_scores(emb)}
+         RETRIEVAL: lambda: nearid_eval.identity_retrieval(emb, "trained"),
+         "nearid_eval.nearid_scores (both of the above)":
+             lambda: nearid_eval.nearid_scores(emb)}
   times = common.time_calls(fns, warmup=1, repeats=repeats)
   q = int(emb.view_mask.sum())
   g = q + int(emb.distractor_mask.sum())

@@ -34,9 +34,9 @@ from benchmarks import common
 import configs.demo
 import input_pipeline
 from input_pipeline import synthetic
-from nearid_jax import feature_cache
+from nearid_jax.training import feature_cache
 from nearid_jax import sharding
-from nearid_jax import train
+from nearid_jax.training import train
 
 
 def measure(cfg, batches):

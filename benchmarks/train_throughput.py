@@ -61,7 +61,7 @@ import configs.nearid_r7
 from benchmarks import common
 from benchmarks.embed_throughput import forward_flops
 from nearid_jax import sharding
-from nearid_jax import train
+from nearid_jax.training import train
 from nearid_jax import vit
 
 SLOTS = 6  # images per group: 3 views + 3 distractors

@@ -7,7 +7,7 @@ Run from the repository root:
 
 For each tower ("variant@res:groups", random weights, the demo config's
 other settings) the train step of train.setup is compiled with XLA:CPU's
-YNNPACK library set three ways (nearid_jax/xla_flags.py):
+YNNPACK library set three ways (nearid_jax/cpu/xla_flags.py):
 
   jaxlib default   what jaxlib 0.10.2 does unasked: YNNPACK subgraphs of
                    dots with their elementwise neighbours, reductions, ...,
@@ -36,8 +36,8 @@ import jax
 from benchmarks import common
 from benchmarks import train_throughput
 from nearid_jax import sharding
-from nearid_jax import train
-from nearid_jax import xla_flags
+from nearid_jax.training import train
+from nearid_jax.cpu import xla_flags
 
 _LIBRARY = {"no YNNPACK": "", "YNNPACK dots": xla_flags.YNN_INDIVIDUAL_DOTS}
 SETTINGS = {f"{name}{label}": {xla_flags.YNN_FLAG: value,

@@ -37,6 +37,9 @@ def training_config():
   c.model.scan = True
   c.model.remat = False
   c.model.resize = "pil"
+  # Attention kernels: "auto" = XLA:CPU's layouts on the CPU, the plain math
+  # on accelerators; "plain" or "cpu" force one (nearid_jax/cpu/attention.py).
+  c.model.kernels = "auto"
 
   c.input = input_pipeline.default_config()  # fields documented there
   c.input.res = c.model.get_ref("res")

@@ -5,8 +5,8 @@
 
 Synthetic NearID-format data (input_pipeline/synthetic.py), a frozen
 `pico/8` tower that the demo pretrains once on a disjoint pool of synthetic
-identities (nearid_jax/tower_pretrain.py), and the paper's two-tier training
-of the MAP head (nearid_jax/demo.py).
+identities (nearid_jax/demo/tower_pretrain.py), and the paper's two-tier
+training of the MAP head (nearid_jax/demo/demo.py).
 """
 import ml_collections
 
@@ -18,13 +18,14 @@ def get_config(arg=None):
   c = training_config()
   c.total_steps = 300
   c.warmup_steps = 50
-  c.lr = 1e-2                   # a small head learns faster than R7's (README)
+  c.lr = 1e-2  # a small head learns faster than R7's (docs/demo.md)
   c.log_every = 50
   c.eval_every = 100
   c.ckpt_every = 100
 
-  # "" in --mode demo: <workdir>/pretrained/pico8_48.npz, made from
-  # demo.pretrain (below); the other modes take "" as a random tower.
+  # "": <workdir>/pretrained/pico8_48.npz, made once from demo.pretrain
+  # (below) by every mode that runs the model; with
+  # demo.pretrain.total_steps=0, "" is a random tower from the seed.
   c.model.init = ""
   c.model.variant, c.model.res = "pico/8", 48
   c.model.scan = False
@@ -32,7 +33,7 @@ def get_config(arg=None):
   c.input.batch_size = 32
   c.input.data_dir = ""         # "" = <workdir>/data/tfds
   c.input.manual_dir = ""       # "" = <workdir>/data/hf (generated)
-  # Colour edits: what a frozen pico tower's tokens can carry (README).
+  # Colour edits: what a frozen pico tower's tokens can carry (docs/demo.md).
   c.input.sources = ("Flux", "SDXL")
   c.input.eval_sources = c.input.sources
   c.input.mtg_repeat = 1
@@ -44,7 +45,8 @@ def get_config(arg=None):
   c.demo.image_res = 64         # generated images; squash-resized to res
   c.demo.mtg_rows = 60
 
-  # The frozen tower's self-supervised warm-up (nearid_jax/tower_pretrain.py);
+  # The frozen tower's self-supervised warm-up
+  # (nearid_jax/demo/tower_pretrain.py);
   # total_steps = 0 leaves a random tower from `seed`.
   c.demo.pretrain = ml_collections.ConfigDict()
   p = c.demo.pretrain
@@ -60,7 +62,7 @@ def get_config(arg=None):
   p.object_weight = 3.0         # the auxiliary object head's loss (dropped)
   p.log_every = 100
   # The head trains on the frozen tower's tokens, computed once into
-  # <workdir>/data/cache (nearid_jax/feature_cache.py) unless
+  # <workdir>/data/cache (nearid_jax/training/feature_cache.py) unless
   # input.feature_cache names another folder.
   c.demo.cache_features = True
   return c

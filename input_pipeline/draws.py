@@ -3,9 +3,8 @@
 The training stream's randomness (the per-epoch order of the entries and
 each group's view permutation and distractor sources) must not depend on
 sharding, worker count or batch position, and must cost little per group:
-a numpy Generator per group (SeedSequence + PCG64) took ~45 us under
-cProfile, more than the demo's whole budget for a cached group (its train
-step takes ~2 ms for 32 groups). So each draw is a hash of its key,
+a numpy Generator per group (SeedSequence + PCG64) costs more than a small
+head's whole train step per cached group. So each draw is a hash of its key,
 computed for a whole batch at once: SplitMix64's finaliser (a bijection of
 uint64 with full avalanche) applied field by field.
 """

@@ -10,10 +10,9 @@ worker count or batch position. An MTG row is a group with views
 [image_1_inpainted, image_2_inpainted, missing], permuted the same way.
 
 Groups are made a batch at a time (GroupMaker.batch), in numpy: from a
-feature cache in memory a 32-group batch is a few gathers, where a group at
-a time cost ~200 us of Python each (the demo's 2 ms train step waited on
-it). What a slot holds comes from a reader: Decoder here (images decoded
-and squash-resized to res x res, nearid_jax.preprocess semantics, kept
+feature cache in memory a batch is a few gathers, where Python per group
+would keep a small head's train step waiting. What a slot holds comes from a reader: Decoder here (images decoded
+and squash-resized to res x res, preprocess.py semantics, kept
 uint8; scaling to [-1, 1] happens on device) or the feature cache's token
 lookup, both with the same `load` / `gather` contract.
 
@@ -28,8 +27,8 @@ import numpy as np
 from PIL import Image
 
 from input_pipeline import draws
-from nearid_jax import metrics
-from nearid_jax import preprocess
+from input_pipeline import oracle as oracle_lib
+from input_pipeline import preprocess
 
 VIEWS = 3
 NEARID, MTG = 0, 1  # dataset ids in the draws' key and the training entries
@@ -226,7 +225,7 @@ class GroupMaker:
            for k, b in enumerate(record["edits"])]
     views, view_mask = self.reader.stack(ims + [None])
     dists, dist_mask = self.reader.stack(eds + [None])
-    oracle = [metrics.mtg_oracle(decode_mask(p), decode_mask(o))
+    oracle = [oracle_lib.mtg_oracle(decode_mask(p), decode_mask(o))
               for o, p in zip(record["object_masks"], record["part_masks"])]
     return {"views": views, "view_mask": view_mask,
             "distractors": dists[None], "distractor_mask": dist_mask[None],

@@ -33,11 +33,13 @@ header does not parse stops with dataset, split, row and field named, or,
 with skip_corrupt, is dropped (a bad distractor image is blanked) and counted
 in the dataset's metadata (`metadata.json`: skipped_rows, blanked_images).
 """
+import contextlib
 import dataclasses
 import io
 import logging
 import os
 
+from absl import logging as absl_logging
 import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
@@ -280,8 +282,14 @@ class MTG(tfds.core.GeneratorBasedBuilder):
 def _build(builder, manual_dir, overwrite):
   mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite else
           tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      manual_dir=manual_dir, download_mode=mode))
+  # TFDS announces every build on stdout ("Downloading and preparing dataset
+  # Unknown size ..."), though nothing is downloaded and the caller says
+  # where the build went: shown from absl's INFO verbosity only.
+  quiet = absl_logging.get_verbosity() < absl_logging.INFO
+  with (contextlib.redirect_stdout(io.StringIO()) if quiet
+        else contextlib.nullcontext()):
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        manual_dir=manual_dir, download_mode=mode))
   return builder.data_dir
 
 

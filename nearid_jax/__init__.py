@@ -1,10 +1,8 @@
-"""nearid_jax: NearID identity embeddings (SigLIP2 + MAP head) in JAX/Flax."""
-# Before anything compiles: XLA reads XLA_FLAGS once (see xla_flags.py).
-from nearid_jax import xla_flags
+"""nearid_jax: NearID identity embeddings (SigLIP2 + MAP head) in JAX/Flax.
 
-xla_flags.add_defaults()
-
-# pylint: disable=g-import-not-at-top,wrong-import-position
+Importing it changes nothing in the process (no XLA_FLAGS): the XLA:CPU
+settings are one explicit call, nearid_jax.cpu.xla_flags.add_defaults().
+"""
 from nearid_jax.formats import CheckpointError
 from nearid_jax.model import NearID
 

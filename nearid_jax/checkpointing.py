@@ -13,6 +13,7 @@ import shutil
 import grain
 import jax
 from jax.experimental import multihost_utils
+import numpy as np
 import orbax.checkpoint as ocp
 
 UNREADABLE = "checkpoints_unreadable"
@@ -33,29 +34,36 @@ def save(mngr, step, state, data_iter=None, force=False):
   return mngr.save(step, args=ocp.args.Composite(**items), force=force)
 
 
-def _restore_step(mngr, step, state, data_iter):
-  items = {"state": ocp.args.StandardRestore(state)}
+def _restore_step(mngr, step, state, data_iter, partial=False):
+  if partial:  # a subtree of the saved state, as host arrays
+    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                            state)
+    items = {"state": ocp.args.PyTreeRestore(state, restore_args=as_numpy,
+                                             partial_restore=True)}
+  else:
+    items = {"state": ocp.args.StandardRestore(state)}
   if data_iter is not None:
     items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
   return mngr.restore(step, args=ocp.args.Composite(**items)).state
 
 
-def restore(mngr, state, data_iter=None, step=None, log=print):
+def restore(mngr, state, data_iter=None, step=None, log=print, partial=False):
   """The newest readable (or the given `step`'s) checkpoint into `state`.
 
-  `state` gives the structure and shardings; `data_iter` is restored in
-  place. Returns None when there is no checkpoint. Unreadable checkpoints
+  `state` gives the structure and shardings; with `partial`, a dict holding
+  part of the saved state (e.g. {"params": ..., "step": ...}) restored as
+  host arrays. `data_iter` is restored in place. Returns None when there is no checkpoint. Unreadable checkpoints
   newer than the one restored are set aside (see the module doc); when none
   can be read, the first error is raised: that is a run of another config,
   not a disk fault, and nothing is moved.
   """
   if step is not None:
-    return _restore_step(mngr, step, state, data_iter)
+    return _restore_step(mngr, step, state, data_iter, partial)
   steps = sorted(mngr.all_steps(), reverse=True)
   failed = []
   for s in steps:
     try:
-      restored = _restore_step(mngr, s, state, data_iter)
+      restored = _restore_step(mngr, s, state, data_iter, partial)
     except Exception as e:  # pylint: disable=broad-except
       # orbax, tensorstore and grain each raise their own types here.
       log(f"checkpoint {mngr.directory / str(s)} cannot be restored "

@@ -140,23 +140,6 @@ def ssr_pa(views, view_mask, distractors, distractor_mask):
 # --- Mind-the-Glitch ---
 
 
-def mtg_oracle(part_mask, object_mask):
-  """o = 1 - |part| / |object|; 0 when either mask is missing or empty.
-
-  Masks are (H, W) or (H, W, C) arrays (a pixel is on when any channel is
-  non-zero), or None.
-  """
-  if part_mask is None or object_mask is None:
-    return 0.0
-  part, obj = (np.asarray(m) for m in (part_mask, object_mask))
-  part, obj = (m.any(-1) if m.ndim == 3 else m != 0 for m in (part, obj))
-  if part.shape != obj.shape:
-    raise ValueError(f"part mask {part.shape} and object mask {obj.shape} "
-                     "differ in size")
-  area = np.count_nonzero(obj)
-  return 1.0 - np.count_nonzero(part) / area if area else 0.0
-
-
 def mtg(s_12, s_11p, s_22p, s_12p, s_21p, o1, o2):
   """MTG metrics (SPEC §5) from per-sample similarities and oracles.
 
@@ -165,7 +148,8 @@ def mtg(s_12, s_11p, s_22p, s_12p, s_21p, o1, o2):
     s_11p, s_22p: (N,) s(I1, I1'), s(I2, I2'): original vs its part-edited
       version on the same background.
     s_12p, s_21p: (N,) s(I1, I2'), s(I2, I1').
-    o1, o2: (N,) oracles of the edited images I1', I2' (`mtg_oracle`).
+    o1, o2: (N,) oracles of the edited images I1', I2'
+      (input_pipeline.oracle.mtg_oracle).
 
   Returns:
     dict(ssr, pa) fractions in [0, 1] (a tie loses), mo and mo_pair

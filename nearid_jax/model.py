@@ -1,4 +1,9 @@
-"""NearID: frozen SigLIP2 tower + trainable MAP head, and its public API."""
+"""NearID: frozen SigLIP2 tower + trainable MAP head, and its public API.
+
+Also the two things every layer above shares: the one way to build a model
+from a config (NearID.from_config) and the one tower pass (tower_tokens)
+that training, evaluation and the feature cache run.
+"""
 import os
 import shutil
 import tempfile
@@ -7,9 +12,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nearid_jax import preprocess
+from input_pipeline import preprocess
 from nearid_jax import vit
-from nearid_jax import xla_flags
+from nearid_jax import workdir as workdir_lib
+from nearid_jax.cpu import attention as cpu_attention
+from nearid_jax.cpu import xla_flags
 from nearid_jax.formats import bigvision
 from nearid_jax.formats import common
 from nearid_jax.formats import hf
@@ -43,24 +50,43 @@ def join_params(params, scan):
   return {k: np.asarray(v, np.float32) for k, v in flat.items()}
 
 
-def frozen_tokens(tower, img_params, images):
-  """Images in [-1, 1] -> the tower's tokens (B, N, D), outside any gradient."""
-  tokens = tower.apply({"params": img_params}, images.astype(tower.dtype))
-  # Frozen: no gradient ever reaches the tower.
-  return jax.lax.stop_gradient(tokens)
+def random_tower(arch, seed=0):
+  """Canonical flat float32 dict of a freshly initialised tower + MAP head."""
+  k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
+  images = jnp.zeros((1, arch.image_size, arch.image_size, 3))
+  tokens = jnp.zeros((1, arch.num_patches, arch.width))
+  tower = jax.jit(vit.VisionTower(arch).init)(k1, images)["params"]
+  head = jax.jit(vit.NearIDHead(arch).init)(k2, tokens)["params"]
+  flat = {**common.flatten(tower), **common.flatten(head)}
+  return {k: np.asarray(v, np.float32) for k, v in flat.items()}
 
 
-def forward(tower, head, params, images):
-  """Images in [-1, 1] -> L2-normalised embeddings; the tower is frozen."""
+def tower_tokens(tower, img_params, pixels):
+  """The frozen tower's pass: pixels (..., R, R, 3) -> tokens (..., N, D).
+
+  uint8 pixels are scaled to [-1, 1] here, on the device; float pixels are
+  taken as scaled already. No gradient ever reaches the tower.
+  """
+  lead = pixels.shape[:-3]
+  x = pixels.reshape((-1,) + pixels.shape[-3:])
+  if x.dtype == jnp.uint8:
+    x = preprocess.scale(x)
+  tokens = tower.apply({"params": img_params}, x.astype(tower.dtype))
+  return jax.lax.stop_gradient(tokens.reshape(lead + tokens.shape[-2:]))
+
+
+def forward(tower, head, params, pixels):
+  """Pixels -> L2-normalised embeddings; the tower is frozen."""
   return head.apply({"params": params["head"]},
-                    frozen_tokens(tower, params["img"], images))
+                    tower_tokens(tower, params["img"], pixels))
 
 
 class NearID:
   """An identity embedder. Build it with `NearID.load(path)`."""
 
   def __init__(self, arch, params, *, out_dim=None, dtype="float32",
-               scan=None, remat=False, resize="pil", batch_size=32):
+               scan=None, remat=False, resize="pil", batch_size=32,
+               kernels="auto"):
     if dtype not in DTYPES:
       raise ValueError(f"dtype {dtype!r}: one of {sorted(DTYPES)}")
     if resize not in preprocess.RESIZE_METHODS:
@@ -71,12 +97,15 @@ class NearID:
     self.scan = default_scan(arch, scan)
     self.resize = resize
     self.batch_size = batch_size
+    # The CPU's attention layouts on the CPU, the plain math elsewhere.
+    self.kernels = cpu_attention.kernels(kernels)
+    self.compiler_options = xla_flags.tower_options(arch)
     self.tower = vit.VisionTower(arch, scan=self.scan, remat=remat,
-                                 dtype=DTYPES[dtype])
-    self.head = vit.NearIDHead(arch, out_dim)
+                                 dtype=DTYPES[dtype], kernels=self.kernels)
+    self.head = vit.NearIDHead(arch, out_dim, kernels=self.kernels)
     self.params = params
     self._forward = jax.jit(lambda p, x: forward(self.tower, self.head, p, x),
-                            compiler_options=xla_flags.tower_options(arch))
+                            compiler_options=self.compiler_options)
 
   @classmethod
   def load(cls, path, *, image_size=None, out_dim=None, seed=0, **kw):
@@ -89,9 +118,8 @@ class NearID:
     A training workdir gives its latest trained head on its config's tower
     (its config decides image size, dtype and the rest).
     """
-    from nearid_jax import workdir  # pylint: disable=g-import-not-at-top
-    if workdir.is_workdir(os.fspath(path)):
-      return workdir.load(os.fspath(path))
+    if workdir_lib.is_workdir(os.fspath(path)):
+      return cls._from_workdir(os.fspath(path))
     flat, arch = formats.load(path)
     if image_size and image_size != arch.image_size:
       arch = arch.replace(image_size=image_size)
@@ -107,6 +135,43 @@ class NearID:
     scan = default_scan(arch, kw.pop("scan", None))
     params = split_params(flat, arch, scan)
     return cls(arch, jax.device_put(params), out_dim=out_dim, scan=scan, **kw)
+
+  @classmethod
+  def from_config(cls, config, init=None):
+    """The model a training config starts from: config.model's tower and
+    pretrained head at its resolution, dtype and kernels.
+
+    init: a checkpoint in place of config.model.init, or a training workdir
+    (which brings its own config and trained head). With neither, a random
+    tower from config.seed (smoke tests, benchmarks).
+    """
+    m = config.model
+    path = os.fspath(init or m.init)
+    if path and workdir_lib.is_workdir(path):
+      return cls._from_workdir(path)
+    kw = dict(dtype=m.dtype, scan=m.scan, remat=m.remat, resize=m.resize,
+              kernels=m.get("kernels", "auto"))
+    if path:
+      model = cls.load(path, image_size=m.res or None,
+                       out_dim=m.out_dim or None, seed=config.seed, **kw)
+      model.arch.check_tiles("model.res" if m.res else f"{path} resolution")
+      return model
+    arch = vit.Arch.from_variant(m.variant, m.res)
+    if m.out_dim and m.out_dim != arch.width:
+      raise ValueError("model.out_dim needs model.init (a checkpoint)")
+    scan = default_scan(arch, kw.pop("scan"))
+    return cls(arch, split_params(random_tower(arch, config.seed), arch, scan),
+               scan=scan, **kw)
+
+  @classmethod
+  def _from_workdir(cls, workdir, step=None):
+    """The workdir's config's model with the head of checkpoint `step`
+    (default: the newest readable one)."""
+    model = cls.from_config(workdir_lib.read_config(workdir))
+    head, model.step = workdir_lib.restore_head(
+        workdir, jax.device_get(model.params["head"]), step)
+    model.params = {"img": model.params["img"], "head": head}
+    return model
 
   def embed(self, images):
     """uint8 (B, H, W, 3) or a list of PIL images -> float32 (B, D), unit norm."""
@@ -173,6 +238,6 @@ class NearID:
 def _fresh_projection(arch, out_dim, seed):
   head = vit.NearIDHead(arch, out_dim)
   tokens = jnp.zeros((1, arch.num_patches, arch.width))
-  params = head.init(jax.random.PRNGKey(seed), tokens)["params"]
+  params = jax.jit(head.init)(jax.random.PRNGKey(seed), tokens)["params"]
   return {f"proj/{k}": np.asarray(v) for k, v in
           common.flatten(params["proj"]).items()}

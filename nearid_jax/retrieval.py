@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from nearid_jax import xla_flags
+from nearid_jax.cpu import xla_flags
 
 # Exact float32 dot products on every backend: TPUs and GPUs would otherwise
 # round inputs to bf16/tf32 and reorder near-equal scores.

@@ -1,11 +1,14 @@
 """What each `launch.py --mode` runs. Every mode takes (config, workdir)."""
 import os
 
-from nearid_jax import demo as demo_lib
+import input_pipeline
 from nearid_jax import sweep as sweep_lib
-from nearid_jax import train as train_lib
 from nearid_jax import workdir as workdir_lib
+from nearid_jax.demo import demo as demo_lib
+from nearid_jax.evaluators import evaluate as evaluate_lib
 from nearid_jax.model import NearID
+from nearid_jax.training import feature_cache
+from nearid_jax.training import train as train_lib
 
 
 def _resolve(config, workdir):
@@ -22,14 +25,12 @@ def _resolve(config, workdir):
 
 def prepare(config, workdir):
   workdir_lib.resolve_data_dirs(config, workdir)
-  import input_pipeline  # pylint: disable=g-import-not-at-top
   for name, path in input_pipeline.prepare(config.input).items():
     print(f"prepared {name}: {path}")
 
 
 def cache(config, workdir):
   """The frozen tower's tokens into config.input.feature_cache, once."""
-  from nearid_jax import feature_cache  # pylint: disable=g-import-not-at-top
   _resolve(config, workdir)
   meta = feature_cache.write(config, config.input.feature_cache)
   print(f"feature cache {config.input.feature_cache}: {meta['images']} "
@@ -42,7 +43,6 @@ def train(config, workdir):
 
 
 def evaluate(config, workdir):
-  from nearid_jax import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
   _resolve(config, workdir)
   evaluate_lib.run(config, workdir, os.path.join(workdir, "eval"))
 

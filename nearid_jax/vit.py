@@ -1,17 +1,18 @@
 """SigLIP2 image tower and MAP head in Flax, with big_vision's parameter names.
 
 Parameter trees match big_vision's `models/vit.py` under `params/img`, so a
-released SigLIP2 `.npz` maps onto these modules without renaming.
+released SigLIP2 `.npz` maps onto these modules without renaming. The two
+attention computations are plain functions here (Kernels); a backend may
+swap in its own forms of the same math (nearid_jax/cpu/attention.py).
 """
 import dataclasses
-from typing import Any
+import math
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from nearid_jax import fast_exp
 
 # name: (width, depth, mlp_dim, num_heads), as big_vision's decode_variant.
 # "pico" is ours: a SigLIP2-shaped tower small enough for CPU tests and the demo.
@@ -106,29 +107,26 @@ class Arch:
     return cls(width, depth, mlp, heads, int(patch), int(image_size))
 
 
-def _attention(query, key, value, dtype=None):
-  """nn.dot_product_attention's math, in the layout XLA:CPU runs fastest.
+def attention_pool(x, u):
+  """Per head h, the softmax_n(x_n . u_h)-weighted mean of the tokens x_n.
 
-  (B, N, H, hd) in and out, as flax's attention_fn. The logits are laid out
-  keys-major, (B, H, Nk, Nq), so the softmax reduces over a non-minor axis
-  (vectorised across queries, not over a row of Nk) and is normalised after
-  the value matmul, one pass over the weights fewer. On 2 CPU cores the demo
-  tower (36 tokens, batch 192) took 15.4 ms against 16.7 ms in the
-  (B, H, Nq, Nk) layout, both timed in one process. The exp is
-  fast_exp's on the CPU.
+  (B, N, D), (H, D) -> (B, H, D).
   """
-  q = query * jax.lax.rsqrt(jnp.float32(query.shape[-1])).astype(query.dtype)
-  s = jnp.einsum("bkhd,bqhd->bhkq", key, q)
-  e = fast_exp.softmax_exp(
-      s - jax.lax.stop_gradient(jnp.max(s, axis=-2, keepdims=True)))
-  o = jnp.einsum("bhkq,bkhd->bqhd", e.astype(dtype or q.dtype), value)
-  norm = jnp.sum(e, axis=-2, dtype=jnp.float32)  # (B, H, Nq)
-  return o / jnp.swapaxes(norm, -1, -2)[..., None].astype(o.dtype)
+  w = jax.nn.softmax(jnp.einsum("bnd,hd->bhn", x, u), axis=-1)
+  return jnp.einsum("bhn,bnd->bhd", w, x)
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernels:
+  """The attention computations the modules call; the plain math by default."""
+  # softmax(q k^T / sqrt(head_dim)) v, flax's attention_fn signature
+  attention: Callable = nn.dot_product_attention
+  pool: Callable = attention_pool              # (B, N, D), (H, D) -> (B, H, D)
 
 
 class MlpBlock(nn.Module):
   mlp_dim: int
-  dtype: Any = jnp.float32
+  dtype: Any = None  # None: the inputs' and params' dtype
 
   @nn.compact
   def __call__(self, x):
@@ -143,12 +141,13 @@ class Encoder1DBlock(nn.Module):
   mlp_dim: int
   num_heads: int
   dtype: Any = jnp.float32
+  kernels: Kernels = Kernels()
 
   @nn.compact
   def __call__(self, x, _=None):
     y = nn.LayerNorm(name="LayerNorm_0")(x)
     y = nn.MultiHeadDotProductAttention(
-        num_heads=self.num_heads, dtype=self.dtype, attention_fn=_attention,
+        num_heads=self.num_heads, dtype=self.dtype, attention_fn=self.kernels.attention,
         name="MultiHeadDotProductAttention_0")(y, y)
     x = x + y
     y = nn.LayerNorm(name="LayerNorm_1")(x)
@@ -163,6 +162,7 @@ class Transformer(nn.Module):
   scan: bool = False
   remat: bool = False
   dtype: Any = jnp.float32
+  kernels: Kernels = Kernels()
 
   @nn.compact
   def __call__(self, x):
@@ -175,12 +175,12 @@ class Transformer(nn.Module):
       block = nn.scan(block_cls, variable_axes={"params": 0},
                       split_rngs={"params": True}, in_axes=nn.broadcast,
                       length=self.depth)
-      x, _ = block(self.mlp_dim, self.num_heads, self.dtype,
+      x, _ = block(self.mlp_dim, self.num_heads, self.dtype, self.kernels,
                    name="encoderblock")(x, None)
     else:
       for i in range(self.depth):
         x, _ = block_cls(self.mlp_dim, self.num_heads, self.dtype,
-                         name=f"encoderblock_{i}")(x, None)
+                         self.kernels, name=f"encoderblock_{i}")(x, None)
     return nn.LayerNorm(name="encoder_norm")(x)
 
 
@@ -190,6 +190,7 @@ class VisionTower(nn.Module):
   scan: bool = False
   remat: bool = False
   dtype: Any = jnp.float32
+  kernels: Kernels = Kernels()
 
   @nn.compact
   def __call__(self, images):
@@ -204,43 +205,7 @@ class VisionTower(nn.Module):
                      (1, h * w, d), jnp.float32)
     x = x + pos
     return Transformer(a.depth, a.mlp_dim, a.num_heads, self.scan, self.remat,
-                       self.dtype, name="Transformer")(x)
-
-
-@jax.custom_vjp
-def _attention_pool(x, u):
-  """Per head h, the softmax_n(x_n . u_h)-weighted mean of the tokens x_n.
-
-  (B, N, D), (H, D) -> (B, H, D).
-
-  The logits are (B*N, D) x (D, H), the tokens read as they lie ((H, D) x
-  (D, B*N) had XLA:CPU copy them transposed first), and the softmax writes
-  the weights (B, H, N), so that the pooling is a plain batched matmul
-  (YNNPACK's; with the weights (B, N, H) it ran as Eigen's). Together: the
-  demo's cached step 8.11 -> 7.22 ms and its step through the tower 77.2 ->
-  75.0 ms per 5 steps (best of 60 and 30, one process). The backward is
-  written out because autodiff's transposes of these einsums run as
-  (D, B*N) x (B*N, H) products in the layouts XLA:CPU is slowest at: with
-  it, the cached step went from 2.4-2.6 ms to 2.0-2.1 ms on 2 cores.
-  """
-  return _attention_pool_fwd(x, u)[0]
-
-
-def _attention_pool_fwd(x, u):
-  w = jax.nn.softmax(jnp.swapaxes(jnp.einsum("bnd,hd->bnh", x, u), 1, 2), -1)
-  return jnp.einsum("bhn,bnd->bhd", w, x), (x, u, jnp.swapaxes(w, 1, 2))
-
-
-def _attention_pool_bwd(res, g):
-  x, u, w = res  # w: (B, N, H)
-  gw = jnp.einsum("bnd,bhd->bnh", x, g)
-  gs = w * (gw - jnp.sum(w * gw, axis=1, keepdims=True))  # softmax's vjp
-  # Nothing downstream needs gx when the tokens are frozen: XLA drops it.
-  gx = jnp.einsum("bnh,hd->bnd", gs, u) + jnp.einsum("bnh,bhd->bnd", w, g)
-  return gx, jnp.einsum("bnh,bnd->hd", gs, x)
-
-
-_attention_pool.defvjp(_attention_pool_fwd, _attention_pool_bwd)
+                       self.dtype, self.kernels, name="Transformer")(x)
 
 
 class _DenseParams(nn.Module):
@@ -274,6 +239,7 @@ class ProbeAttention(nn.Module):
   So400m, forward and backward.
   """
   num_heads: int
+  pool: Callable = attention_pool
 
   @nn.compact
   def __call__(self, probe, x):
@@ -284,8 +250,8 @@ class ProbeAttention(nn.Module):
     wv, bv = _DenseParams((d,), (h, hd), name="value")()
     wo, bo = _DenseParams((h, hd), (d,), name="out")()
     q = jnp.einsum("d,dhk->hk", probe, wq) + bq
-    u = jnp.einsum("dhk,hk->hd", wk, q) * jax.lax.rsqrt(jnp.float32(hd))
-    pooled = _attention_pool(x, u)
+    u = jnp.einsum("dhk,hk->hd", wk, q) / math.sqrt(hd)
+    pooled = self.pool(x, u)
     v = jnp.einsum("bhd,dhk->bhk", pooled, wv) + bv
     return jnp.einsum("bhk,hkd->bd", v, wo) + bo
 
@@ -294,14 +260,15 @@ class MAPHead(nn.Module):
   """Multihead attention pooling: a learned probe attends over the tokens."""
   mlp_dim: int
   num_heads: int
+  kernels: Kernels = Kernels()
 
   @nn.compact
   def __call__(self, x):
     d = x.shape[-1]
     probe = self.param("probe", nn.initializers.xavier_uniform(), (1, 1, d),
                        jnp.float32)
-    x = ProbeAttention(self.num_heads, name="MultiHeadDotProductAttention_0")(
-        probe[0, 0], x)
+    x = ProbeAttention(self.num_heads, self.kernels.pool,
+                       name="MultiHeadDotProductAttention_0")(probe[0, 0], x)
     y = nn.LayerNorm(name="LayerNorm_0")(x)
     return x + MlpBlock(self.mlp_dim, name="MlpBlock_0")(y)
 
@@ -313,10 +280,11 @@ class NearIDHead(nn.Module):
   """
   arch: Arch
   out_dim: int | None = None
+  kernels: Kernels = Kernels()
 
   @nn.compact
   def __call__(self, tokens):
-    x = MAPHead(self.arch.mlp_dim, self.arch.num_heads,
+    x = MAPHead(self.arch.mlp_dim, self.arch.num_heads, self.kernels,
                 name="MAPHead_0")(tokens.astype(jnp.float32))
     if self.out_dim and self.out_dim != self.arch.width:
       x = nn.Dense(self.out_dim, name="proj")(x)

@@ -1,9 +1,9 @@
-"""A training workdir as a model: its config's tower + its latest trained head."""
+"""A training workdir as a reader sees it: its config and its trained head."""
 import json
 import os
 
-import jax
 import ml_collections
+import numpy as np
 
 from nearid_jax import checkpointing
 
@@ -18,21 +18,18 @@ def read_config(workdir):
     return ml_collections.ConfigDict(json.load(f))
 
 
-def load(workdir, step=None):
-  """-> NearID with the head of checkpoint `step` (default: the latest)."""
-  from nearid_jax import train  # pylint: disable=g-import-not-at-top
-  config = read_config(workdir)
-  model = train.load_model(config)
-  state, _ = train.create_train_state(config, model.params["head"])
+def restore_head(workdir, head, step=None):
+  """-> (the trained head's params, their step) from checkpoint `step`
+  (default: the newest readable one); `head` gives their structure. Only
+  the head is read: no optimizer state, no training code."""
   mngr = checkpointing.manager(workdir, async_save=False)
-  restored = checkpointing.restore(mngr, state, step=step)
+  restored = checkpointing.restore(
+      mngr, {"params": head, "step": np.zeros((), np.int32)}, step=step,
+      partial=True)
   if restored is None:
     raise FileNotFoundError(f"{workdir}: no checkpoint in "
                             f"{os.path.join(workdir, 'checkpoints')}")
-  model.params = {"img": model.params["img"],
-                  "head": jax.device_get(restored.params)}
-  model.step = int(restored.step)
-  return model
+  return restored["params"], int(restored["step"])
 
 
 def resolve_data_dirs(config, workdir):

@@ -6,6 +6,11 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 import numpy as np  # pylint: disable=g-import-not-at-top
 import pytest  # pylint: disable=g-import-not-at-top
 
+from nearid_jax.cpu import xla_flags  # pylint: disable=g-import-not-at-top
+
+# The tests run with the XLA:CPU settings the entry points use.
+xla_flags.add_defaults()
+
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 

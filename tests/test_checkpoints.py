@@ -10,7 +10,7 @@ import safetensors.numpy
 from conftest import random_images
 from nearid_jax import CheckpointError
 from nearid_jax import NearID
-from nearid_jax import torch_export
+from nearid_jax.demo import export_check
 from nearid_jax.formats import common
 from nearid_jax.formats import hf
 
@@ -31,10 +31,10 @@ def _images(model, n=5, seed=0):
 def test_export_float32_loads_in_transformers(loaded, tmp_path, fmt):
   _, _, _, model = loaded
   out = model.export(tmp_path / fmt, format=fmt)
-  _, info = torch_export.load(out, fmt)
+  _, info = export_check.load(out, fmt)
   assert not info["missing_keys"] and not info["unexpected_keys"], info
   images = _images(model)
-  np.testing.assert_allclose(torch_export.embed(out, fmt, images),
+  np.testing.assert_allclose(export_check.embed(out, fmt, images),
                              model.embed(images), atol=1e-4, rtol=0)
 
 
@@ -47,7 +47,7 @@ def test_export_float16(loaded, tmp_path, fmt):
   tensors = safetensors.numpy.load_file(os.path.join(out, "model.safetensors"))
   assert {v.dtype for v in tensors.values()} == {np.dtype(np.float16)}
   images = _images(model, seed=1)
-  cos = np.sum(torch_export.embed(out, fmt, images) * model.embed(images), 1)
+  cos = np.sum(export_check.embed(out, fmt, images) * model.embed(images), 1)
   assert cos.min() >= 0.999, cos
   # and it loads back into JAX
   again = NearID.load(out)

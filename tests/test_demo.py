@@ -8,6 +8,11 @@ import sys
 
 import pytest
 
+from input_pipeline import synthetic
+
+# Every test here starts processes or trains a run.
+pytestmark = pytest.mark.slow
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # The demo at toy size: same code path, seconds instead of minutes.
@@ -56,6 +61,30 @@ def test_demo_writes_everything(demo_run):
   for fmt in ("nearid", "hf-siglip"):
     assert summary["exports"][fmt]["transformers_max_abs_diff"] < 1e-4
   assert "NearID SSR on held-out identities" in out.stdout
+  # A quiet console: the project's own lines and nothing the libraries log
+  # at INFO/WARNING or draw as progress bars.
+  lines = (out.stdout + out.stderr).splitlines()
+  assert lines and all(l.startswith(("[demo ", "[train ")) for l in lines), [
+      l for l in lines if not l.startswith(("[demo ", "[train "))][:5]
+
+
+def test_verbosity_brings_back_the_libraries_logs(tmp_path):
+  manual = tmp_path / "hf"
+  synthetic.generate(str(manual), 8, 32, 0, ("Flux",))
+  flux_only = [f"--config.input.manual_dir={manual}",
+               "--config.input.sources=('Flux',)",
+               "--config.input.eval_sources=('Flux',)",
+               "--config.input.mtg_repeat=0"]
+  quiet = launch(tmp_path / "quiet", "--mode=prepare", *SHORT, *flux_only)
+  assert quiet.returncode == 0, quiet.stderr[-3000:]
+  assert "prepared nearid" in quiet.stdout
+  assert "Downloading and preparing" not in quiet.stdout + quiet.stderr
+  assert "Using custom data configuration" not in quiet.stderr
+  loud = launch(tmp_path / "loud", "--mode=prepare", "--verbosity=0", *SHORT,
+                *flux_only)
+  assert loud.returncode == 0, loud.stderr[-3000:]
+  assert "Downloading and preparing" in loud.stdout
+  assert "Using custom data configuration" in loud.stderr
 
 
 def test_modes_on_the_demo_workdir(demo_run, tmp_path):

@@ -18,11 +18,11 @@ import input_pipeline
 from input_pipeline import hf_format
 from input_pipeline import splits as splits_lib
 from input_pipeline import synthetic
-from nearid_jax import feature_cache
-from nearid_jax import preprocess
+from nearid_jax.training import feature_cache
+from input_pipeline import preprocess
 from nearid_jax import sharding
-from nearid_jax import train
-from nearid_jax.model import frozen_tokens
+from nearid_jax.training import train
+from nearid_jax.model import tower_tokens
 from nearid_jax.model import NearID
 import workers
 
@@ -64,7 +64,7 @@ def data(tmp_path_factory):
   config = _config(tmp_path_factory.mktemp("tfds"), manual)
   input_pipeline.prepare(config.input)
   cache = str(tmp_path_factory.mktemp("cache"))
-  model = train.load_model(config)
+  model = NearID.from_config(config)
   meta = feature_cache.write(config, cache, model=model)
   return config, manual, cache, model, meta
 
@@ -74,8 +74,7 @@ def _decode(data):
 
 
 def _tower(model):
-  fn = jax.jit(lambda p, x: frozen_tokens(model.tower, p,
-                                          preprocess.scale(x)))
+  fn = jax.jit(lambda p, x: tower_tokens(model.tower, p, x))
   return lambda x: np.asarray(fn(model.params["img"], x))
 
 
@@ -216,7 +215,7 @@ def test_head_steps_on_cache_match_steps_on_images(data):
       mesh, model.params["img"]))
   state, tx = train.create_train_state(config, model.params["head"])
   step = train.jit_train_step(train.make_train_step(model, tx, config), mesh,
-                              frozen, model.arch)
+                              frozen, model)
 
   def run(batches):
     state, _ = train.create_train_state(config, model.params["head"])
@@ -366,6 +365,7 @@ def _worker(pid, nproc, port, data_dir, manual_dir, out):
         f"{len(jax.devices())} devices, done", flush=True)
 
 
+@pytest.mark.slow
 def test_two_processes_write_one_cache(data, tmp_path):
   config, manual, cache_dir, _, meta = data
   out = str(tmp_path / "cache")

@@ -14,7 +14,7 @@ from input_pipeline import groups
 from input_pipeline import hf_format
 from input_pipeline import splits as splits_lib
 from input_pipeline import synthetic
-from nearid_jax import preprocess
+from input_pipeline import preprocess
 
 SOURCES = ("Flux", "Qwen")
 N = 12

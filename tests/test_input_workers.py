@@ -4,9 +4,13 @@ Apart from test_input_grain.py because starting workers (each imports jax
 and tfds) is most of its time.
 """
 import numpy as np
+import pytest
 
 import input_pipeline
 from input_pipeline import synthetic
+
+# Every test here starts processes or trains a run.
+pytestmark = pytest.mark.slow
 
 
 def test_worker_processes_give_the_same_batches_and_restore(tmp_path):

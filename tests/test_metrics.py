@@ -7,6 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
+from input_pipeline import oracle
 from nearid_jax import metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -141,13 +142,13 @@ def test_mtg_oracle():
   obj = rng.random((20, 30)) < 0.6
   part = obj & (rng.random((20, 30)) < 0.3)
   want = 1 - part.sum() / obj.sum()
-  assert metrics.mtg_oracle(part, obj) == pytest.approx(want, rel=1e-12)
+  assert oracle.mtg_oracle(part, obj) == pytest.approx(want, rel=1e-12)
   # 0/255 RGB masks read from PNGs count the same pixels.
   rgb = lambda m: np.repeat(m[..., None] * np.uint8(255), 3, -1)
-  assert metrics.mtg_oracle(rgb(part), rgb(obj)) == pytest.approx(want,
+  assert oracle.mtg_oracle(rgb(part), rgb(obj)) == pytest.approx(want,
                                                                   rel=1e-12)
-  assert metrics.mtg_oracle(None, obj) == 0.0
-  assert metrics.mtg_oracle(part, None) == 0.0
+  assert oracle.mtg_oracle(None, obj) == 0.0
+  assert oracle.mtg_oracle(part, None) == 0.0
 
 
 # --- DreamBench++ ---

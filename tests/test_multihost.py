@@ -4,8 +4,12 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from workers import free_port
+
+# Every test here starts processes or trains a run.
+pytestmark = pytest.mark.slow
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)),
                       "train_worker.py")

@@ -4,8 +4,8 @@ import pytest
 from PIL import Image
 
 from conftest import random_images
-from nearid_jax import preprocess
-from nearid_jax import torch_export
+from input_pipeline import preprocess
+from nearid_jax.demo import export_check
 
 
 @pytest.mark.parametrize("hw", [(30, 50), (64, 64), (200, 90)])
@@ -16,7 +16,7 @@ def test_pil_matches_siglip_image_processor(tmp_path, hw):
       'true, "rescale_factor": 0.00392156862745098, "do_normalize": true, '
       '"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}')
   images = random_images(3, *hw)
-  want = torch_export.processor(str(tmp_path))(
+  want = export_check.processor(str(tmp_path))(
       images=list(images), return_tensors="np")["pixel_values"]
   got = preprocess.preprocess(images, 64, "pil")
   np.testing.assert_allclose(got, want.transpose(0, 2, 3, 1), atol=1e-6)

@@ -1,6 +1,6 @@
 """Faults a run survives: preemption, kill -9, unreadable checkpoints, NaNs.
 
-The README's "Faults and what happens" table lists these tests. Training
+docs/faults.md lists these tests with their faults. Training
 runs in a separate process (tests/train_worker.py) where a signal is the
 fault; the tiny config takes ms per step, so the worker sleeps per batch to
 let the test hit a known step.
@@ -18,12 +18,15 @@ import pytest
 from fake_data import FakeGroups
 from fake_data import FakeTokens
 from nearid_jax import checkpointing
-from nearid_jax import train
+from nearid_jax.training import train
 from nearid_jax.model import NearID
 from test_multihost import start
 from test_multihost import wait
 from test_train import tiny_config
 from workers import free_port
+
+# Every test here starts processes or trains a run.
+pytestmark = pytest.mark.slow
 
 TOKENS, WIDTH = 4, 64  # pico/8 at 16 px
 
@@ -183,7 +186,7 @@ def test_nonfinite_update_skipped_and_counted(tmp_path):
   assert skipped == {1: 0, 2: 0, 3: 1, 4: 1, 5: 1, 6: 1}
   assert np.isnan(rows[2]["train/loss"])
   # the finite steps did train: the head is not the initial one
-  init = train.load_model(tiny_config()).params["head"]
+  init = NearID.from_config(tiny_config()).params["head"]
   moved = max(float(np.abs(a - b).max()) for a, b in zip(
       jax.tree.leaves(state.params), jax.tree.leaves(init)))
   assert moved > 1e-3

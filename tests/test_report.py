@@ -5,8 +5,8 @@ import os
 import numpy as np
 from PIL import Image
 
-from nearid_jax import evaluate
-from nearid_jax import report
+from nearid_jax.evaluators import embed
+from nearid_jax.evaluators import report
 
 SOURCES = ("Flux", "Qwen")
 
@@ -25,7 +25,7 @@ def fake_embedded(n=8, d=6, seed=0):
            for h in ("baseline", "trained")}
   dists = {h: unit(rng.standard_normal((n, len(SOURCES), 3, d))).astype(
       np.float32) for h in views}
-  return evaluate.Embedded("test", SOURCES, np.arange(10, 10 + n), view_mask,
+  return embed.Embedded("test", SOURCES, np.arange(10, 10 + n), view_mask,
                            dmask, views, dists)
 
 

@@ -8,7 +8,7 @@ import pytest
 from scipy.special import logsumexp
 
 from nearid_jax import model as model_lib
-from nearid_jax import tower_pretrain as tp
+from nearid_jax.demo import tower_pretrain as tp
 from nearid_jax import vit
 from nearid_jax.formats.common import flatten
 from nearid_jax.model import NearID
@@ -74,6 +74,7 @@ def test_objective_matches_numpy_infonce_on_scenes_and_objects():
   np.testing.assert_allclose(loss, want_scene, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_pretraining_trains_the_tower_and_saves_what_nearid_loads(tmp_path):
   path = str(tmp_path / "mu8_24.npz")
   cfg = _cfg(groups=6, image_res=24)

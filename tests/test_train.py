@@ -7,7 +7,8 @@ from configs.common import training_config
 from fake_data import FakeGroups
 from input_pipeline import DataError
 from nearid_jax import sharding
-from nearid_jax import train
+from nearid_jax.model import NearID
+from nearid_jax.training import train
 
 
 def tiny_config(**kw):
@@ -56,7 +57,7 @@ def test_sharded_step_equals_single_device(single_device_run, mesh_spec):
   np.testing.assert_allclose(metrics["train/loss"], want_metrics["train/loss"],
                              rtol=1e-5)
   # the head moved: equality above is not between two untouched copies
-  init = train.load_model(tiny_config()).params["head"]
+  init = NearID.from_config(tiny_config()).params["head"]
   moved = max(float(np.abs(a - b).max()) for a, b in zip(
       jax.tree.leaves(got), jax.tree.leaves(init)))
   assert moved > 1e-3
@@ -64,7 +65,7 @@ def test_sharded_step_equals_single_device(single_device_run, mesh_spec):
 
 def test_only_the_head_is_optimised():
   config = tiny_config()
-  model = train.load_model(config)
+  model = NearID.from_config(config)
   state, _ = train.create_train_state(config, model.params["head"])
   n_head = sum(x.size for x in jax.tree.leaves(model.params["head"]))
   n_tower = sum(x.size for x in jax.tree.leaves(model.params["img"]))
@@ -77,12 +78,13 @@ def test_only_the_head_is_optimised():
   from nearid_jax.model import forward  # pylint: disable=g-import-not-at-top
   x = np.random.default_rng(0).uniform(-1, 1, (2, 16, 16, 3)).astype(
       np.float32)
-  g = jax.grad(lambda img: forward(model.tower, model.head,
-                                   {"img": img, "head": model.params["head"]},
-                                   x).sum())(model.params["img"])
+  g = jax.jit(jax.grad(lambda img: forward(
+      model.tower, model.head, {"img": img, "head": model.params["head"]},
+      x).sum()))(model.params["img"])
   assert all(float(np.abs(leaf).max()) == 0 for leaf in jax.tree.leaves(g))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", [KeyboardInterrupt, DataError])
 def test_resume_gives_the_uninterrupted_result(tmp_path, fault):
   config = tiny_config()

@@ -19,6 +19,10 @@ os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={ndev}"
 sys.path[:0] = [os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                 os.path.dirname(os.path.abspath(__file__))]
 
+from nearid_jax.cpu import xla_flags  # pylint: disable=g-import-not-at-top
+
+xla_flags.add_defaults()  # as launch.py: before JAX starts its backend
+
 import jax  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
@@ -28,9 +32,9 @@ if int(nproc) > 1:
 
 from fake_data import FakeGroups  # pylint: disable=g-import-not-at-top
 from nearid_jax import sharding  # pylint: disable=g-import-not-at-top
-from nearid_jax import train  # pylint: disable=g-import-not-at-top
+from nearid_jax.training import train  # pylint: disable=g-import-not-at-top
 from nearid_jax.formats import common  # pylint: disable=g-import-not-at-top
-from nearid_jax.preemption import Preempted  # pylint: disable=g-import-not-at-top
+from nearid_jax.training.preemption import Preempted  # pylint: disable=g-import-not-at-top
 from test_train import tiny_config  # pylint: disable=g-import-not-at-top
 
 

@@ -4,6 +4,8 @@ import socket
 import subprocess
 import sys
 
+from nearid_jax.cpu import xla_flags
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -19,6 +21,7 @@ def run(script, nproc, *args, devices=2, timeout=300):
   port = free_port()
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  xla_flags.add_defaults(env)  # the settings of the test process
   env["PYTHONPATH"] = REPO
   procs = [subprocess.Popen(
       [sys.executable, script, str(i), str(nproc), str(port),

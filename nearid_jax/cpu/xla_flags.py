@@ -1,34 +1,21 @@
-"""The XLA:CPU settings nearid_jax runs with.
+"""The XLA:CPU settings nearid_jax runs with (docs/benchmarks.md has the
+measurements behind each).
 
-jaxlib 0.10.2's CPU compiler hands elementwise ops, reductions and dots to
-YNNPACK subgraphs by default. Around a ViT block's dots those subgraphs
-materialise broadcast constants and run slower than XLA's own loop emitters
-and Eigen's matmuls, so nearid_jax turns them off process-wide (DEFAULTS,
-added to XLA_FLAGS when nearid_jax is imported). One exception, per jit: on
-the tiny dots of the narrowest towers (head_dim 16, 36 tokens: the demo's
-pico tower) YNNPACK's dot kernels are about twice as fast as Eigen's, so
-computations running such a tower ask for them (tower_options), and so do
-the retrieval kernels, whose (256 x 1152) @ (1152 x 1024) blocks run ~20%
-faster there (595 -> 726 queries/s, both in one process). Train
-steps on 2 cores, both settings in one process (benchmarks/xla_options.py,
-the README's table): without YNNPACK, So400m/14@384 (1 group) 22.8 s
-against 29.3 s with YNNPACK dots and 33.0 s with jaxlib's default; B/16
-about equal; the pico demo step 19% slower than with YNNPACK dots.
+jaxlib's CPU compiler hands elementwise ops, reductions and dots to YNNPACK
+subgraphs by default; around a ViT block's dots those run slower than XLA's
+own loops and Eigen's matmuls, so `add_defaults` turns them off. One
+exception, per jit: on the tiny dots of the narrowest towers (the demo's)
+YNNPACK's dot kernels are faster than Eigen's, so computations running such
+a tower ask for them (tower_options), and so do the retrieval kernels.
+`add_defaults` also asks for 512-bit vectors in XLA's own loops (jaxlib
+asks LLVM for 256); a CPU without AVX-512 keeps its own, narrower ones.
 
-The second default is a vector width of 512 bits for XLA's own loops
-(elementwise ops, reductions; not the dots, which are Eigen's or
-YNNPACK's). jaxlib asks LLVM for 256 unless told, a choice made for older
-Intel parts that slow down on 512-bit instructions; on the 2-core AMD EPYC
-(Zen 4) of the README's benchmarks, XLA's exp and GELU on the demo tower's
-shapes ran ~18% faster at 512 (one-off timings), the demo train step 2-6%
-and the Ti/16 and B/16 steps 0-2% (benchmarks.xla_options: both widths in
-one process). A CPU without AVX-512 keeps its own, narrower, vectors.
-
-XLA reads XLA_FLAGS once, when JAX starts its backend: import nearid_jax
-before running any JAX code for the defaults to apply. A flag the user
-already put in XLA_FLAGS is left as it is; NEARID_XLA_DEFAULTS=0 in the
-environment leaves XLA_FLAGS and every jit to jaxlib's defaults. On TPU and
-GPU neither setting applies.
+Nothing happens at import. XLA reads XLA_FLAGS once, when JAX starts its
+backend, so the entry points (launch.py, the benchmarks, the tests) call
+add_defaults() before running JAX code; a library user may call it too. A
+flag the user already put in XLA_FLAGS is left as it is, and
+NEARID_XLA_DEFAULTS=0 leaves XLA_FLAGS and every jit to jaxlib's defaults.
+On TPU and GPU neither setting applies.
 """
 import functools
 import os

@@ -1,7 +1,7 @@
 """The demo's "pretrained" tower: a short self-supervised warm-up, then frozen.
 
 No SigLIP2 weights can be downloaded for the embedded demo, and a frozen
-random tower caps the trained head near 50% SSR (README). So the demo makes
+random tower caps the trained head near 50% SSR (docs/demo.md). So the demo makes
 its own small pretrained checkpoint, once, the way a foundation model is
 made before NearID freezes it: on other data, with other objectives.
 
@@ -39,12 +39,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from input_pipeline import preprocess
 from input_pipeline import synthetic
 from nearid_jax import losses
 from nearid_jax import optim
-from nearid_jax import preprocess
 from nearid_jax import vit
-from nearid_jax import xla_flags
+from nearid_jax.cpu import attention as cpu_attention
+from nearid_jax.cpu import xla_flags
 from nearid_jax.formats import bigvision
 from nearid_jax.formats import common
 
@@ -130,7 +131,7 @@ def init_params(arch, seed, object_head):
   return _init_fn(arch, object_head)(jax.random.PRNGKey(seed))
 
 
-def pretrain(arch, pool, cfg, seed, log=print):
+def pretrain(arch, pool, cfg, seed, log=print, kernels="auto"):
   """Trains on `pool` -> (canonical flat float32 tower + MAP head, history).
 
   cfg (config.demo.pretrain): total_steps, batch_size (groups), lr, wd,
@@ -140,7 +141,9 @@ def pretrain(arch, pool, cfg, seed, log=print):
   if cfg.batch_size > len(pool):
     raise ValueError(f"demo.pretrain.batch_size={cfg.batch_size} groups: the "
                      f"pool has only {len(pool)} (demo.pretrain.groups)")
-  tower, head = vit.VisionTower(arch), vit.NearIDHead(arch)
+  k = cpu_attention.kernels(kernels)
+  tower = vit.VisionTower(arch, kernels=k)
+  head = vit.NearIDHead(arch, kernels=k)
   params = init_params(arch, seed, bool(cfg.object_weight))
   tx = optim.make(cfg)
   opt_state = tx.init(params)
@@ -177,12 +180,12 @@ def pretrain(arch, pool, cfg, seed, log=print):
   return {k: np.asarray(v, np.float32) for k, v in flat.items()}, history
 
 
-def make(path, arch, cfg, seed, resize="pil", log=print):
+def make(path, arch, cfg, seed, resize="pil", log=print, kernels="auto"):
   """Renders the pool, pretrains, saves the .npz -> (flat params, history)."""
   t0 = time.time()
   pool = render_pool(cfg.groups, cfg.image_res, arch.image_size, seed, resize)
   log(f"pretraining pool: {cfg.groups} groups of 2 identities x 2 "
       f"backgrounds x {SHOTS} shots ({time.time() - t0:.0f}s)")
-  flat, history = pretrain(arch, pool, cfg, seed, log)
+  flat, history = pretrain(arch, pool, cfg, seed, log, kernels)
   bigvision.save(path, flat, two_tower=False)
   return flat, history

@@ -15,19 +15,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import input_pipeline
 from nearid_jax import checkpointing
 from nearid_jax import losses
 from nearid_jax import optim
-from nearid_jax import preemption
-from nearid_jax import preprocess
 from nearid_jax import sharding
 from nearid_jax import vit
-from nearid_jax import xla_flags
-from nearid_jax.metric_writer import MetricWriter
-from nearid_jax.model import frozen_tokens
+from nearid_jax.evaluators import evaluate as evaluate_lib
 from nearid_jax.model import NearID
-from nearid_jax.model import split_params
-from nearid_jax.random_init import random_tower
+from nearid_jax.model import tower_tokens
+from nearid_jax.training import feature_cache
+from nearid_jax.training import preemption
+from nearid_jax.training.metric_writer import MetricWriter
 
 
 @flax.struct.dataclass
@@ -64,23 +63,6 @@ def check_config(config):
   return mesh
 
 
-def load_model(config):
-  """The frozen tower + pretrained head the run starts from."""
-  m = config.model
-  kw = dict(dtype=m.dtype, scan=m.scan, remat=m.remat, resize=m.resize)
-  if m.init:
-    model = NearID.load(m.init, image_size=m.res or None,
-                        out_dim=m.out_dim or None, seed=config.seed, **kw)
-    model.arch.check_tiles("model.res" if m.res else f"{m.init} resolution")
-    return model
-  # No checkpoint: a random tower from the seed (smoke tests, benchmarks).
-  arch = vit.Arch.from_variant(m.variant, m.res)
-  flat = random_tower(arch, config.seed)
-  if m.out_dim and m.out_dim != arch.width:
-    raise ValueError("model.out_dim needs model.init (a checkpoint)")
-  return NearID(arch, split_params(flat, arch, m.scan), **kw)
-
-
 def create_train_state(config, head_params):
   tx = optim.make(config)
   # Separate buffers: the step donates the state, each leaf once.
@@ -96,14 +78,14 @@ def group_tokens(model, frozen, batch):
   """The frozen tower's tokens for every slot of a batch: (B * 6, N, D).
 
   One tower forward for all 3 views + 3 distractors; a batch read from the
-  feature cache (nearid_jax/feature_cache.py) carries them already.
+  feature cache (feature_cache.py) carries them already.
   """
   if "tokens" in batch:
     t = batch["tokens"]  # (B, 6, N, D), bfloat16 on disk
     return t.reshape((-1,) + t.shape[2:]).astype(jnp.float32)
   images = jnp.concatenate([batch["views"], batch["distractors"]], axis=1)
-  x = preprocess.scale(images.reshape((-1,) + images.shape[2:]))
-  return frozen_tokens(model.tower, frozen, x)
+  return tower_tokens(model.tower, frozen,
+                      images.reshape((-1,) + images.shape[2:]))
 
 
 def make_train_step(model, tx, config):
@@ -146,25 +128,25 @@ def make_train_step(model, tx, config):
   return step
 
 
-def jit_train_step(step, mesh, frozen, arch):
+def jit_train_step(step, mesh, frozen, model):
   """One jit with explicit shardings ("pjit"); the state's buffers donated."""
   return jax.jit(
       step,
       in_shardings=(sharding.weight_shardings(mesh, frozen),
                     sharding.replicated(mesh), sharding.batch_sharding(mesh)),
       out_shardings=(sharding.replicated(mesh), sharding.replicated(mesh)),
-      donate_argnums=(1,), compiler_options=xla_flags.tower_options(arch))
+      donate_argnums=(1,), compiler_options=model.compiler_options)
 
 
 def setup(config, mesh):
   """-> model, frozen tower params and train state placed on `mesh`, step."""
-  model = load_model(config)
+  model = NearID.from_config(config)
   state, tx = create_train_state(config, model.params["head"])
   frozen = jax.device_put(model.params["img"],
                           sharding.weight_shardings(mesh, model.params["img"]))
   state = jax.device_put(state, sharding.replicated(mesh))
   step = jit_train_step(make_train_step(model, tx, config), mesh, frozen,
-                        model.arch)
+                        model)
   return model, frozen, state, step
 
 
@@ -193,17 +175,14 @@ def train_and_evaluate(config, workdir, data_iter=None, evaluate=None):
 
   if evaluate is None and config.eval_every:
     # The baseline is the checkpoint's own MAP head: the state before training.
-    from nearid_jax import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
     evaluate = evaluate_lib.make_evaluator(config, mesh, model.params["head"])
 
   # --- data
   if data_iter is None and config.input.feature_cache:
-    from nearid_jax import feature_cache  # pylint: disable=g-import-not-at-top
     # `model` still holds the unplaced tower: hashed, not loaded again.
     data_iter = feature_cache.train_iterator(
         config, jax.process_index(), jax.process_count(), model=model)
   elif data_iter is None:
-    import input_pipeline  # pylint: disable=g-import-not-at-top
     data_iter = input_pipeline.train_iterator(
         config.input, jax.process_index(), jax.process_count())
 

@@ -3,8 +3,8 @@
   1. generate the synthetic NearID-format dataset and prepare its ArrayRecord
   2. make the frozen tower: `pico/8` pretrained once on its own pool of
      synthetic identities and saved as the run's "pretrained" checkpoint
-     (nearid_jax/tower_pretrain.py; the README says why and how); cache its
-     tokens of every training image (nearid_jax/feature_cache.py)
+     (tower_pretrain.py; docs/demo.md says why and how); cache its tokens
+     of every training image (nearid_jax/training/feature_cache.py)
   3. train the MAP head with the two-tier loss on the cached tokens; eval at
      step 0 (baseline), every eval_every steps and at the end, into
      metrics.jsonl
@@ -20,11 +20,14 @@ import time
 import jax
 import numpy as np
 
-from nearid_jax import evaluate
-from nearid_jax import tower_pretrain
-from nearid_jax import train
+import input_pipeline
+from input_pipeline import synthetic
 from nearid_jax import vit
 from nearid_jax import workdir as workdir_lib
+from nearid_jax.demo import tower_pretrain
+from nearid_jax.evaluators import evaluate
+from nearid_jax.training import feature_cache
+from nearid_jax.training import train
 
 
 def _log(msg):
@@ -32,8 +35,6 @@ def _log(msg):
 
 
 def _data(config, workdir):
-  import input_pipeline  # pylint: disable=g-import-not-at-top
-  from input_pipeline import synthetic  # pylint: disable=g-import-not-at-top
   inp = config.input
   if not os.path.isdir(os.path.join(inp.manual_dir, "NearID")):
     synthetic.generate(inp.manual_dir, config.demo.identities,
@@ -43,7 +44,6 @@ def _data(config, workdir):
          f"{config.demo.mtg_rows} MTG rows: {inp.manual_dir}")
   for name, path in input_pipeline.prepare(inp).items():
     _log(f"prepared {name}: {path}")
-  return input_pipeline
 
 
 def pretrained_tower(config, workdir):
@@ -74,7 +74,8 @@ def pretrained_tower(config, workdir):
          f"for {p.total_steps} steps (once; saved as {path})")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     _, history = tower_pretrain.make(path, arch, p, config.seed,
-                                     config.model.resize, log=_log)
+                                     config.model.resize, log=_log,
+                                     kernels=config.model.kernels)
     with open(recipe_path, "w") as f:
       json.dump({**recipe, "history": history}, f, indent=2)
   config.model.init = path
@@ -85,7 +86,6 @@ def _feature_cache(config, workdir):
   """Points input.feature_cache at the tower's cached tokens, written once."""
   if not config.demo.cache_features:
     return
-  from nearid_jax import feature_cache  # pylint: disable=g-import-not-at-top
   own = not config.input.feature_cache
   if own:
     config.input.feature_cache = os.path.join(workdir, "data", "cache")
@@ -103,11 +103,12 @@ def _verify_exports(model, workdir, config, images):
     path = model.export(os.path.join(workdir, "export", fmt), format=fmt,
                         dtype=config.export.dtype, overwrite=True)
     try:
-      from nearid_jax import torch_export  # pylint: disable=g-import-not-at-top
+      # torch and transformers are test requirements, not runtime ones.
+      from nearid_jax.demo import export_check  # pylint: disable=g-import-not-at-top
     except ImportError:
       out[fmt] = {"dir": path, "verified": "skipped: no torch/transformers"}
     else:
-      diff = float(np.abs(torch_export.embed(path, fmt, images) - emb).max())
+      diff = float(np.abs(export_check.embed(path, fmt, images) - emb).max())
       out[fmt] = {"dir": path, "transformers_max_abs_diff": diff}
     _log(f"exported {fmt}: {out[fmt]}")
   return out
@@ -123,7 +124,7 @@ def run(config, workdir):
 
   os.makedirs(workdir, exist_ok=True)
   workdir_lib.resolve_data_dirs(config, workdir)
-  input_pipeline = _data(config, workdir)
+  _data(config, workdir)
   t = phase("data", t0)
   tower = pretrained_tower(config, workdir)
   t = phase("pretrain_tower", t)

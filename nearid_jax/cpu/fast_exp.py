@@ -1,12 +1,9 @@
 """float32 exp written as multiply-adds, for the tower's softmax on XLA:CPU.
 
-jaxlib 0.10.2's XLA:CPU computes jnp.exp at a fraction of the vector
-units' rate: on 2 cores (AMD EPYC, Zen 4), exp(s - max) of the demo tower's
-(192, 4, 36, 36) logits took 1.05 ms with jnp.exp at jaxlib's 256-bit
-vectors (0.83 ms at 512), against 0.36 ms with this function at nearid_jax's
-512 (nearid_jax/xla_flags.py; 0.63 ms at 256), best of 30, one process.
-Its relative error is at most 1.2e-7 over the range (XLA's: 8.2e-8), so it
-takes jnp.exp's place wherever a float32 exp feeds a sum, as in a softmax.
+jaxlib's XLA:CPU computes jnp.exp at a fraction of the vector units' rate
+(docs/benchmarks.md). This one's relative error is at most 1.2e-7 over its
+range (XLA's: 8.2e-8), so it takes jnp.exp's place wherever a float32 exp
+feeds a sum, as in a softmax.
 
 exp(x) = 2^n exp(r) with n = round(x / ln 2) and |r| <= ln(2) / 2: r comes
 from a two-part ln 2 (Cody and Waite) so that n * ln 2 loses no bits, exp(r)
@@ -52,8 +49,6 @@ def _exp_jvp(primals, tangents):
 
 
 def softmax_exp(x):
-  """exp for softmax logits: this module's on the CPU for float32, else
-  jnp.exp (accelerators have fast exp units; bf16 has no use for it)."""
-  if x.dtype == jnp.float32 and jax.default_backend() == "cpu":
-    return exp(x)
-  return jnp.exp(x)
+  """exp for softmax logits: this module's for float32, jnp.exp for bf16
+  (which has no use for the extra precision work)."""
+  return exp(x) if x.dtype == jnp.float32 else jnp.exp(x)

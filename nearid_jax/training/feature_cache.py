@@ -67,12 +67,11 @@ import numpy as np
 from input_pipeline import grain_pipeline
 from input_pipeline import groups
 from input_pipeline import tfds_builders
-from nearid_jax import preprocess
 from nearid_jax import sharding
 from nearid_jax import vit
-from nearid_jax import xla_flags
-from nearid_jax.model import frozen_tokens
 from nearid_jax.model import HEAD_KEYS
+from nearid_jax.model import NearID
+from nearid_jax.model import tower_tokens
 
 METADATA = "metadata.json"
 EMPTY, CORRUPT = b"", b"corrupt"
@@ -80,9 +79,9 @@ DTYPE = ml_dtypes.bfloat16
 MTG_SLOTS = 4  # views 0, 1, edits 0, 1
 # Random access to single records; bf16 tokens barely compress.
 _WRITER_OPTIONS = "group_size:1,uncompressed"
-# A cache up to this size is read into memory once per reading process: a
-# random ArrayRecord read costs ~25 us, which for small towers' records is
-# most of a group's input time (demo: 11.8 -> 4.9 ms per 32-group batch).
+# A cache up to this size is read into memory once per reading process: for
+# small towers' records a random ArrayRecord read is most of a group's input
+# time (docs/benchmarks.md).
 IN_MEMORY_BYTES = 1 << 30
 
 
@@ -155,10 +154,7 @@ def _mismatches(cached, wanted):
 
 
 def _load_model(config, model):
-  if model is not None:
-    return model
-  from nearid_jax import train  # pylint: disable=g-import-not-at-top
-  return train.load_model(config)
+  return NearID.from_config(config) if model is None else model
 
 
 def _barrier(name):
@@ -245,7 +241,7 @@ def write(config, out_dir, *, model=None, mesh=None, batch_size=None,
   Args:
     config: a training config (model.*, input.*, mesh).
     out_dir: the cache directory, visible to every process.
-    model: the NearID to take the tower from; default train.load_model.
+    model: the NearID to take the tower from; default NearID.from_config.
     mesh: default sharding.make_mesh(config.mesh).
     batch_size: images per forward (global); default input.batch_size * 6,
       what one training step runs through the tower.
@@ -309,12 +305,12 @@ def write(config, out_dir, *, model=None, mesh=None, batch_size=None,
   frozen = jax.device_put(model.params["img"], tower_spec)
 
   def forward(frozen, images, more):
-    tokens = frozen_tokens(model.tower, frozen, preprocess.scale(images))
+    tokens = tower_tokens(model.tower, frozen, images)
     return tokens.astype(jnp.bfloat16), jnp.any(more)
 
   forward = jax.jit(forward, in_shardings=(tower_spec, batch_spec, batch_spec),
                     out_shardings=(batch_spec, sharding.replicated(mesh)),
-                    compiler_options=xla_flags.tower_options(model.arch))
+                    compiler_options=model.compiler_options)
   spec = P(sharding.DATA)
   to_global = lambda x: multihost_utils.host_local_array_to_global_array(
       x, mesh, spec)
@@ -567,7 +563,7 @@ def train_dataset(config, process_index=None, process_count=None, *,
   process slicing and GroupMaker draws, hence the same groups in the same
   order. cache_dir: default config.input.feature_cache. model: the NearID
   the run trains (its tower is checked against the cache's sha256); default
-  train.load_model(config). in_memory_bytes: read the cache into memory up
+  NearID.from_config(config). in_memory_bytes: read the cache into memory up
   to this size, default IN_MEMORY_BYTES.
   """
   cfg = config.input
@@ -577,7 +573,7 @@ def train_dataset(config, process_index=None, process_count=None, *,
   maker = groups.GroupMaker(cfg.sources, lookup, cfg.seed, cfg.split,
                             cache.refs(cfg.sources))
   # From memory a batch is a few numpy gathers: reader threads would only
-  # contend for the GIL with the loop (measured in the README).
+  # contend for the GIL with the loop (docs/benchmarks.md).
   return grain_pipeline.group_stream(
       cfg, cache.num_nearid, cache.num_mtg if cfg.mtg_repeat > 0 else None,
       maker, _as_tokens, process_index, process_count,
