@@ -304,13 +304,15 @@ def test_kept_tokens_give_the_embeddings_without_the_images(
   for emb in (first, again):
     np.testing.assert_array_equal(emb.index, want.index)
     np.testing.assert_array_equal(emb.distractor_mask, want.distractor_mask)
-  for name in heads:  # one jit or two: the same numbers to float32 noise
+  # One jit or two: float32 programs that sum in other orders, so the
+  # tolerance of the sharded-vs-single check above.
+  for name in heads:
     np.testing.assert_allclose(again.views[name], want.views[name],
-                               atol=1e-6)
+                               atol=2e-5)
     np.testing.assert_allclose(again.distractors[name],
-                               want.distractors[name], atol=1e-6)
+                               want.distractors[name], atol=2e-5)
   np.testing.assert_allclose(first.views["baseline"], want.views["baseline"],
-                             atol=1e-6)
+                             atol=2e-5)
   monkeypatch.setattr(input_pipeline, "eval_batches", no_images)
   mtg_again = mtg_eval.mtg(model, heads, data, mesh, tokens=kept["mtg"])
   for name in heads:

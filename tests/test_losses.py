@@ -235,10 +235,12 @@ def test_masked_slot_equals_removed_slot(name):
   masked, aux = FNS[name](a, pos, neg, pm, nm)
   removed, aux2 = FNS[name](a, pos[:, :-1], neg[:, :-1], pm[:, :-1],
                             nm[:, :-1])
-  np.testing.assert_allclose(float(masked), float(removed), rtol=1e-6)
+  # float32 sums over other shapes: logits (cos / tau) carry ~1e-6 of
+  # rounding, so the losses agree to ~1e-6 relative, not to the last bit.
+  np.testing.assert_allclose(float(masked), float(removed), rtol=1e-5)
   for key in aux:
-    np.testing.assert_allclose(float(aux[key]), float(aux2[key]), rtol=1e-6,
-                               atol=1e-7, err_msg=key)
+    np.testing.assert_allclose(float(aux[key]), float(aux2[key]), rtol=1e-5,
+                               atol=1e-6, err_msg=key)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -249,7 +251,9 @@ def test_scale_invariant(name):
   f = FNS[name]
   l1, _ = f(*_f32(a, pos, neg), pm, nm)
   l2, _ = f(*_f32(rescale(a), rescale(pos), rescale(neg)), pm, nm)
-  np.testing.assert_allclose(float(l2), float(l1), rtol=1e-6)
+  # Normalising rescaled float32 vectors rounds each cosine (~1e-7), and
+  # the logits divide it by tau: ~1e-6 of the loss.
+  np.testing.assert_allclose(float(l2), float(l1), rtol=1e-5)
 
 
 def test_masks_none_means_all_valid():

@@ -104,7 +104,9 @@ def test_pretraining_trains_the_tower_and_saves_what_nearid_loads(tmp_path):
   params = model_lib.split_params(flat, ARCH, scan=False)
   want = model_lib.forward(vit.VisionTower(ARCH), vit.NearIDHead(ARCH),
                            params, images.astype(np.float32) / 127.5 - 1)
-  np.testing.assert_allclose(model.embed(images), want, atol=1e-6)
+  # The plain kernels, op by op, against the model's jit (the CPU's kernels
+  # on the CPU): float32 rounding of unit vectors through two blocks.
+  np.testing.assert_allclose(model.embed(images), want, atol=1e-5)
 
 
 def test_a_batch_larger_than_the_pool_is_refused():
