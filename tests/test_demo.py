@@ -26,6 +26,14 @@ SHORT = ["--config.total_steps=4", "--config.eval_every=2",
          "--config.demo.pretrain.batch_size=2"]
 
 
+def shared_data(workdir):
+  """Flags that run on the demo run's data and pretrained tower (no tower
+  pretrained again)."""
+  return [f"--config.input.data_dir={workdir}/data/tfds",
+          f"--config.input.manual_dir={workdir}/data/hf",
+          f"--config.model.init={workdir}/pretrained/pico8_32.npz"]
+
+
 def launch(workdir, *args, config="configs/demo.py", timeout=900):
   return subprocess.run(
       [sys.executable, "launch.py", "--config", config, "--workdir",
@@ -109,9 +117,7 @@ def test_sigterm_to_launch_saves_and_exits_0(demo_run, tmp_path):
   p = subprocess.Popen(
       [sys.executable, "launch.py", "--config", "configs/demo.py",
        "--workdir", str(tmp_path / "run"), "--mode=train", *SHORT,
-       f"--config.input.data_dir={workdir}/data/tfds",
-       f"--config.input.manual_dir={workdir}/data/hf",
-       "--config.total_steps=100000", "--config.log_every=1",
+       *shared_data(workdir), "--config.total_steps=100000", "--config.log_every=1",
        "--config.ckpt_every=100000", "--config.eval_every=0"],
       cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   for line in p.stdout:
@@ -127,8 +133,7 @@ def test_sigterm_to_launch_saves_and_exits_0(demo_run, tmp_path):
 
 def test_cache_mode_then_training_on_the_cache(demo_run, tmp_path):
   workdir, _ = demo_run
-  flags = [*SHORT, f"--config.input.data_dir={workdir}/data/tfds",
-           f"--config.input.manual_dir={workdir}/data/hf",
+  flags = [*SHORT, *shared_data(workdir),
            f"--config.input.feature_cache={tmp_path / 'cache'}",
            "--config.eval_every=0"]
   out = launch(tmp_path / "run", "--mode=cache", *flags)
@@ -154,9 +159,8 @@ def test_sweep_runs_each_override_in_its_own_workdir(demo_run, tmp_path):
       "def sweep():\n"
       "  return [{'lr': 1e-3}, {'lr': 3e-3, 'loss.temperature': 0.1}]\n"
       % REPO)
-  data = [f"--config.input.data_dir={workdir}/data/tfds",
-          f"--config.input.manual_dir={workdir}/data/hf",
-          "--config.eval_every=0", "--config.total_steps=2"]
+  data = [*shared_data(workdir), "--config.eval_every=0",
+          "--config.total_steps=2"]
   out = launch(tmp_path / "root", "--mode=sweep", *SHORT, *data,
                config=str(cfg))
   assert out.returncode == 0, out.stderr[-3000:]

@@ -84,13 +84,20 @@ def test_only_the_head_is_optimised():
   assert all(float(np.abs(leaf).max()) == 0 for leaf in jax.tree.leaves(g))
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  config = tiny_config(ckpt_every=3)
+  full, _ = train.train_and_evaluate(
+      config, str(tmp_path_factory.mktemp("full")),
+      data_iter=FakeGroups(8, config.model.res))
+  return jax.device_get(full.params)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("fault", [KeyboardInterrupt, DataError])
-def test_resume_gives_the_uninterrupted_result(tmp_path, fault):
-  config = tiny_config()
-  full, _ = train.train_and_evaluate(
-      config, str(tmp_path / "full"),
-      data_iter=FakeGroups(8, config.model.res))
+def test_resume_gives_the_uninterrupted_result(uninterrupted, tmp_path,
+                                               fault):
+  config = tiny_config(ckpt_every=3)  # the fault comes after step 3's save
   # A stop (Ctrl-C) or a data fault out of the iterator after step 3's
   # (async) checkpoint: the save completes, nothing written is lost.
   with pytest.raises(fault, match="simulated fault before batch 3"):
@@ -102,7 +109,7 @@ def test_resume_gives_the_uninterrupted_result(tmp_path, fault):
   assert int(resumed.step) == 6
   # Same programs on the same data: bitwise equal.
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed.params),
-               jax.device_get(full.params))
+               uninterrupted)
   lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
   assert [__import__("json").loads(l)["step"] for l in lines] == [1, 2, 3, 4,
                                                                   5, 6]

@@ -104,9 +104,11 @@ def test_import_changes_nothing_and_add_defaults_turns_ynnpack_fusions_off():
 
 
 def _compiled_ynn_fusions(variant, res):
-  """YNNPACK fusions in the compiled train step of a random `variant` tower."""
+  """YNNPACK fusions in the compiled train step of a random `variant` tower
+  (its blocks scanned: one to compile, the options are per tower width)."""
   config = configs.demo.get_config()
   config.model.variant, config.model.res = variant, res
+  config.model.scan = True
   config.input.batch_size = 8
   mesh = train.check_config(config)
   _, frozen, state, step = train.setup(config, mesh)
