@@ -8,6 +8,9 @@
   default_config()                 the `config.input` fields, documented in
                                    grain_pipeline
   synthetic.generate(out, ...)     a NearID-format dataset to prepare
+  preprocess                       squash-resize + [-1, 1] (SPEC.md §2)
+  oracle.mtg_oracle                MTG's oracle from a row's masks
+Data only: nothing here imports nearid_jax.
 """
 from input_pipeline.grain_pipeline import default_config
 from input_pipeline.grain_pipeline import eval_batches
