@@ -164,12 +164,12 @@ class NearID:
                scan=scan, **kw)
 
   @classmethod
-  def _from_workdir(cls, workdir, step=None):
-    """The workdir's config's model with the head of checkpoint `step`
-    (default: the newest readable one)."""
+  def _from_workdir(cls, workdir):
+    """The workdir's config's model with the head of its newest readable
+    checkpoint."""
     model = cls.from_config(workdir_lib.read_config(workdir))
     head, model.step = workdir_lib.restore_head(
-        workdir, jax.device_get(model.params["head"]), step)
+        workdir, jax.device_get(model.params["head"]))
     model.params = {"img": model.params["img"], "head": head}
     return model
 

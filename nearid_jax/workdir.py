@@ -18,14 +18,13 @@ def read_config(workdir):
     return ml_collections.ConfigDict(json.load(f))
 
 
-def restore_head(workdir, head, step=None):
-  """-> (the trained head's params, their step) from checkpoint `step`
-  (default: the newest readable one); `head` gives their structure. Only
-  the head is read: no optimizer state, no training code."""
+def restore_head(workdir, head):
+  """-> (the trained head's params, their step) from the newest readable
+  checkpoint; `head` gives their structure. Only the head is read: no
+  optimizer state, no training code."""
   mngr = checkpointing.manager(workdir, async_save=False)
   restored = checkpointing.restore(
-      mngr, {"params": head, "step": np.zeros((), np.int32)}, step=step,
-      partial=True)
+      mngr, {"params": head, "step": np.zeros((), np.int32)}, partial=True)
   if restored is None:
     raise FileNotFoundError(f"{workdir}: no checkpoint in "
                             f"{os.path.join(workdir, 'checkpoints')}")
