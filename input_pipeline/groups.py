@@ -61,7 +61,7 @@ class Decoder:
     if not len(data):
       return None
     try:
-      image = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+      image = preprocess.read_image(io.BytesIO(data))
     except Exception as e:  # pylint: disable=broad-except
       if not self.skip_corrupt:
         raise CorruptImage(f"{where}: corrupt image ({e})") from e

@@ -108,19 +108,24 @@ class NearID:
                             compiler_options=self.compiler_options)
 
   @classmethod
-  def load(cls, path, *, image_size=None, out_dim=None, seed=0, **kw):
+  def load(cls, path, *, image_size=None, out_dim=None, seed=0, resize=None,
+           **kw):
     """Loads any checkpoint of SPEC.md §2 (the architecture comes from shapes).
 
     image_size: run at another resolution (position embeddings resampled).
     out_dim: add a Dense projection to this width (fresh, from `seed`) when it
       differs from the tower's width and the checkpoint has none.
-    Other keywords go to the constructor (dtype, scan, remat, resize, ...).
+    resize: the resize method (preprocess.RESIZE_METHODS); by default a
+      directory's preprocessor_config.json decides, so embed() equals
+      transformers + AutoImageProcessor on it, and a .npz gets "pil".
+    Other keywords go to the constructor (dtype, scan, remat, ...).
     A training workdir gives its latest trained head on its config's tower
     (its config decides image size, dtype and the rest).
     """
     if workdir_lib.is_workdir(os.fspath(path)):
       return cls._from_workdir(os.fspath(path))
     flat, arch = formats.load(path)
+    resize = resize or formats.resize_method(path, arch)
     if image_size and image_size != arch.image_size:
       arch = arch.replace(image_size=image_size)
       flat["pos_embedding"] = common.resample_posemb(flat["pos_embedding"],
@@ -134,7 +139,8 @@ class NearID:
     common.check(flat, arch, os.fspath(path), out_dim)
     scan = default_scan(arch, kw.pop("scan", None))
     params = split_params(flat, arch, scan)
-    return cls(arch, jax.device_put(params), out_dim=out_dim, scan=scan, **kw)
+    return cls(arch, jax.device_put(params), out_dim=out_dim, scan=scan,
+               resize=resize, **kw)
 
   @classmethod
   def from_config(cls, config, init=None):
@@ -222,7 +228,7 @@ class NearID:
                        {k: v.astype(dtype) for k, v in flat.items()},
                        scanned=self.scan, two_tower=False)
       else:
-        hf.save(tmp, flat, self.arch, format, dtype)
+        hf.save(tmp, flat, self.arch, format, dtype, self.resize)
       # The old export is moved aside, not deleted, until the new one is in.
       old = tmp + ".old"
       if os.path.exists(out_dir):

@@ -5,6 +5,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import numpy as np  # pylint: disable=g-import-not-at-top
 import pytest  # pylint: disable=g-import-not-at-top
+from PIL import Image  # pylint: disable=g-import-not-at-top
 
 from nearid_jax.cpu import xla_flags  # pylint: disable=g-import-not-at-top
 
@@ -48,3 +49,35 @@ def hf_model_dir(request, tmp_path_factory):
 
 def random_images(n, h, w, seed=0):
   return np.random.default_rng(seed).integers(0, 256, (n, h, w, 3), np.uint8)
+
+
+def save_siglip(directory, resample, name="p14", seed=0):
+  """random_siglip saved with a preprocessor_config.json whose resize uses
+  PIL filter `resample` (2 bilinear, 3 bicubic: transformers' default)."""
+  random_siglip(name, seed).save_pretrained(directory)
+  res = TINY[name]["image_size"]
+  transformers.SiglipImageProcessorPil(
+      size={"height": res, "width": res}, resample=resample).save_pretrained(
+          directory)
+  return str(directory)
+
+
+@pytest.fixture(scope="session", params=[2, 3], ids=["bilinear", "bicubic"])
+def siglip_dir(request, tmp_path_factory):
+  """A SiglipVisionModel directory with its own preprocessor config."""
+  return save_siglip(tmp_path_factory.mktemp(f"siglip_{request.param}"),
+                     request.param)
+
+
+def pil_images(seed=0):
+  """PIL images of several sizes (down- and upscaled to 60) and modes."""
+  rng = np.random.default_rng(seed)
+  out = []
+  for (h, w), mode in (((90, 70), "RGB"), ((31, 45), "RGB"), ((75, 50), "RGBA"),
+                       ((40, 80), "L"), ((66, 33), "LA"), ((50, 61), "P")):
+    im = Image.fromarray(rng.integers(0, 256, (h, w, 4), np.uint8), "RGBA")
+    out.append(im if mode == "RGBA" else im.convert(mode))
+  # A palette image with a transparent entry, composited as RGBA is.
+  p = out[-1].copy()
+  p.info["transparency"] = 5
+  return out + [p]

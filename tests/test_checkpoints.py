@@ -1,12 +1,16 @@
 """Checkpoint formats both ways, resampling, and the errors users meet."""
 import json
 import os
+import shutil
 
 import ml_dtypes
 import numpy as np
 import pytest
 import safetensors.numpy
+import torch
+import transformers
 
+from conftest import pil_images
 from conftest import random_images
 from nearid_jax import CheckpointError
 from nearid_jax import NearID
@@ -317,3 +321,56 @@ def test_bad_images_are_refused(loaded, images, match):
   _, _, _, model = loaded
   with pytest.raises(ValueError, match=match):
     model.embed(images)
+
+
+def _transformers_embed(directory, images):
+  """transformers end to end: model + AutoImageProcessor of the directory."""
+  embed, _ = export_check.load(directory, "hf-siglip")
+  pix = transformers.AutoImageProcessor.from_pretrained(directory)(
+      images=images, return_tensors="pt")["pixel_values"]
+  with torch.no_grad():
+    return embed(pix).numpy()
+
+
+def test_directory_preprocessing_equals_transformers(siglip_dir):
+  # Sizes below and above the resolution, RGBA/LA/L/P modes.
+  images = pil_images()
+  model = NearID.load(siglip_dir)
+  want = _transformers_embed(siglip_dir, images)
+  np.testing.assert_allclose(model.embed(images), want, atol=1e-4, rtol=0)
+  resample = json.load(open(os.path.join(siglip_dir,
+                                         "preprocessor_config.json")))["resample"]
+  if resample != 2:  # the check can tell bilinear from the directory's filter
+    bilinear = NearID.load(siglip_dir, resize="pil").embed(images)
+    assert np.abs(bilinear - want).max() > 1e-3
+
+
+def test_export_keeps_the_preprocessing(siglip_dir, tmp_path):
+  model = NearID.load(siglip_dir)
+  out = model.export(tmp_path / "e", format="nearid")
+  cfg = json.load(open(os.path.join(out, "preprocessor_config.json")))
+  src = json.load(open(os.path.join(siglip_dir, "preprocessor_config.json")))
+  assert cfg["resample"] == src["resample"]
+  images = pil_images(seed=1)
+  np.testing.assert_allclose(export_check.embed(out, "nearid", images),
+                             model.embed(images), atol=1e-4, rtol=0)
+  assert NearID.load(out).resize == model.resize
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"size": {"shortest_edge": 60}}, r"size=\{'shortest_edge': 60\}: only"),
+    ({"size": {"height": 64, "width": 64}}, r"size=\{'height': 64, 'width': 64\}: the model's "
+     "config has image_size 60"),
+    ({"image_mean": [0.48, 0.46, 0.41]}, r"rescale_factor .*, image_mean \[0.48, .* do not map "
+     "pixels"),
+    ({"do_center_crop": True}, "do_center_crop=True: only a squash-resize"),
+    ({"resample": 9}, "resample 9: not a PIL filter"),
+])
+def test_preprocessor_config_we_cannot_reproduce(siglip_dir, tmp_path, change,
+                                                 match):
+  d = shutil.copytree(siglip_dir, tmp_path / "d")
+  path = d / "preprocessor_config.json"
+  path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+  with pytest.raises(CheckpointError, match="preprocessor_config.json: " +
+                     match):
+    NearID.load(d)

@@ -1,8 +1,12 @@
 """Preprocessing against transformers' SiglipImageProcessor and numpy."""
+import io
+
 import numpy as np
 import pytest
 from PIL import Image
+import transformers
 
+from conftest import pil_images
 from conftest import random_images
 from input_pipeline import preprocess
 from nearid_jax.demo import export_check
@@ -43,15 +47,46 @@ def test_tf_resize_is_bilinear_without_antialias(hw):
   np.testing.assert_allclose(got, want, atol=1e-5)
 
 
-def test_pil_images_and_arrays_agree_and_rgba_is_converted():
+def test_pil_images_and_arrays_agree():
   arr = random_images(2, 30, 40)
   pil = [Image.fromarray(a) for a in arr]
-  rgba = [Image.fromarray(np.concatenate([a, np.full((30, 40, 1), 7, np.uint8)],
-                                         -1)) for a in arr]
   a = preprocess.preprocess(arr, 16)
   np.testing.assert_array_equal(preprocess.preprocess(pil, 16), a)
-  np.testing.assert_array_equal(preprocess.preprocess(rgba, 16), a)
   assert a.min() >= -1 and a.max() <= 1
+
+
+@pytest.mark.parametrize("resample", range(6))
+def test_every_pil_filter_and_mode_matches_siglip_image_processor(resample):
+  # Down- and upscaling; RGBA, LA and a palette with transparency are
+  # composited on white, L and P converted, exactly as transformers does.
+  images = pil_images()
+  want = transformers.SiglipImageProcessorPil(
+      size={"height": 60, "width": 60}, resample=resample)(
+          images=images, return_tensors="np")["pixel_values"]
+  got = preprocess.preprocess(images, 60,
+                              preprocess.method_of_resample(resample))
+  np.testing.assert_allclose(got, want.transpose(0, 2, 3, 1), atol=1e-6)
+
+
+def test_alpha_is_composited_on_white():
+  rgba = np.zeros((4, 4, 4), np.uint8)
+  rgba[..., 3] = 0  # fully transparent black: white after compositing
+  rgba[0, 0] = (255, 0, 0, 255)  # opaque red stays red
+  got = preprocess.read_image(_saved(Image.fromarray(rgba, "RGBA")))
+  assert got[0, 0].tolist() == [255, 0, 0]
+  assert (got.reshape(-1, 3)[1:] == 255).all()
+
+
+def _saved(im):
+  f = io.BytesIO()
+  im.save(f, "PNG")
+  f.seek(0)
+  return f
+
+
+def test_unknown_resample_code():
+  with pytest.raises(ValueError, match="resample 7: not a PIL filter"):
+    preprocess.method_of_resample(7)
 
 
 def test_unknown_resize_method():

@@ -3,8 +3,8 @@ human rating files' key order (metrics.dreambench_mh reads them)."""
 import os
 
 import numpy as np
-from PIL import Image
 
+from input_pipeline import preprocess
 from nearid_jax import metrics
 
 
@@ -13,8 +13,7 @@ def _image(x, key, which):
     if not os.path.isfile(x):
       raise FileNotFoundError(f"DreamBench++ key {key!r}: {which} image {x} "
                               "not found")
-    with Image.open(x) as im:
-      return np.asarray(im.convert("RGB"))
+    return preprocess.read_image(x)
   return x
 
 

@@ -8,6 +8,15 @@ from nearid_jax.formats.common import CheckpointError
 EXPORT_FORMATS = ("nearid", "hf-siglip", "big_vision")
 
 
+def resize_method(path, arch):
+  """The preprocessing a checkpoint asks for: a Hugging Face or NearID
+  release directory's preprocessor_config.json, else SPEC.md's default."""
+  path = os.fspath(path)
+  if os.path.exists(os.path.join(path, "config.json")):
+    return hf.resize_method(path, arch)
+  return "pil"
+
+
 def load(path):
   """Any supported checkpoint path -> (canonical flat dict, Arch)."""
   path = os.fspath(path)

@@ -9,6 +9,7 @@ import os
 import numpy as np
 import safetensors.numpy
 
+from input_pipeline import preprocess
 from nearid_jax import vit
 from nearid_jax.formats import common
 
@@ -226,20 +227,67 @@ def _vision_config(arch):
   }
 
 
-def _preprocessor_config(arch):
-  # PIL bilinear squash-resize, then x / 255 * 2 - 1: SPEC.md's preprocessing.
+def _preprocessor_config(arch, resize):
+  # Squash-resize with `resize`'s PIL filter, then x / 255 * 2 - 1: SPEC.md's
+  # preprocessing. transformers has no resize without antialias: "tf" models
+  # get bilinear, the nearest it offers.
+  resample = int(preprocess.PIL_FILTERS.get(resize,
+                                            preprocess.PIL_FILTERS["pil"]))
   return {
       "image_processor_type": "SiglipImageProcessor",
       "do_resize": True, "size": {"height": arch.image_size,
                                   "width": arch.image_size},
-      "resample": 2, "do_rescale": True, "rescale_factor": 1 / 255,
+      "resample": resample, "do_rescale": True, "rescale_factor": 1 / 255,
       "do_normalize": True, "image_mean": [0.5] * 3, "image_std": [0.5] * 3,
       "do_convert_rgb": True,
   }
 
 
-def save(directory, flat, arch, fmt, dtype):
-  """Writes `fmt` ("nearid" or "hf-siglip") into an existing empty directory."""
+def resize_method(directory, arch):
+  """The resize method of the directory's preprocessor_config.json ("pil"
+  without one); refuses a config that our preprocessing cannot reproduce."""
+  path = os.path.join(directory, "preprocessor_config.json")
+  if not os.path.exists(path):
+    return "pil"
+  cfg = _read_json(path)
+
+  def refuse(key, why):
+    raise common.CheckpointError(f"{path}: {key}={cfg.get(key)!r}: {why}")
+
+  # Missing keys take SiglipImageProcessor's defaults (bicubic, 224 x 224,
+  # 1/255, mean = std = 0.5), as transformers does when it reads the file.
+  if not cfg.get("do_resize", True):
+    refuse("do_resize", "the tower needs a fixed resolution; only a "
+           "squash-resize is supported")
+  if cfg.get("do_center_crop"):
+    refuse("do_center_crop", "only a squash-resize (no crop) is supported")
+  size = cfg.get("size", {"height": 224, "width": 224})
+  if not isinstance(size, dict) or set(size) != {"height", "width"}:
+    refuse("size", "only {height, width} (a squash-resize) is supported")
+  if size["height"] != arch.image_size or size["width"] != arch.image_size:
+    refuse("size", f"the model's config has image_size {arch.image_size}")
+  # Rescale then normalise must be SigLIP's x / 127.5 - 1 on every channel.
+  factor = cfg.get("rescale_factor", 1 / 255) if cfg.get("do_rescale",
+                                                           True) else 1.0
+  mean, std = np.zeros(3), np.ones(3)
+  if cfg.get("do_normalize", True):
+    mean = np.broadcast_to(np.asarray(cfg.get("image_mean", 0.5), float), 3)
+    std = np.broadcast_to(np.asarray(cfg.get("image_std", 0.5), float), 3)
+  if not (np.allclose(factor / std, 1 / 127.5, rtol=1e-6, atol=0)
+          and np.allclose(mean / std, 1.0, rtol=1e-6, atol=0)):
+    raise common.CheckpointError(
+        f"{path}: rescale_factor {factor}, image_mean {mean.tolist()}, "
+        f"image_std {std.tolist()} do not map pixels to x / 127.5 - 1, "
+        "SigLIP's normalisation, the only one supported")
+  try:
+    return preprocess.method_of_resample(cfg.get("resample", 3))
+  except ValueError as e:
+    raise common.CheckpointError(f"{path}: {e}") from None
+
+
+def save(directory, flat, arch, fmt, dtype, resize="pil"):
+  """Writes `fmt` ("nearid" or "hf-siglip") into an existing empty directory;
+  its preprocessor_config.json reproduces the `resize` method."""
   tensors = to_hf(flat, arch)
   if fmt == "nearid":
     prefix = "backbone.vision_model."
@@ -264,6 +312,6 @@ def save(directory, flat, arch, fmt, dtype):
                                                     "model.safetensors"),
                               metadata={"format": "pt"})
   for name, obj in (("config.json", config),
-                    ("preprocessor_config.json", _preprocessor_config(arch))):
+                    ("preprocessor_config.json", _preprocessor_config(arch, resize))):
     with open(os.path.join(directory, name), "w") as f:
       json.dump(obj, f, indent=2)
