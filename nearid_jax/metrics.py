@@ -17,6 +17,8 @@ DB_METHODS = ("textual_inversion_sd", "dreambooth_sd", "dreambooth_lora_sdxl",
               "ip_adapter_vit_g_sdxl")
 DB_CATEGORIES = ("object", "live_subject_animal", "live_subject_human",
                  "style")
+# The category of every key: M-H over all of a method's images.
+DB_ALL = "all"
 # Metric files spell one object differently from the human rating files.
 DB_SPELLINGS = {"rubik's_cube": "magic_cube"}
 _INDEX_SUFFIX = re.compile(r"_\d+$")
@@ -229,7 +231,7 @@ def dreambench_mh(human_dir, scores_dir, methods=DB_METHODS,
     human_dir: holds group1/{method}-cp.json and group2/{method}-cp.json.
     scores_dir: holds {method}.json (the metric's scores).
     methods: the personalisation methods to average over.
-    categories: key prefixes to report.
+    categories: key prefixes to report; DB_ALL is every key.
 
   Returns:
     {category: M-H}.
@@ -244,7 +246,7 @@ def dreambench_mh(human_dir, scores_dir, methods=DB_METHODS,
     score_keys, scores = _read_ratings(score_path)
     _check_aligned(score_keys, keys, score_path, paths[0], _same_key)
     for c in categories:
-      sel = np.array([k.startswith(c + "_") for k in keys])
+      sel = np.array([c == DB_ALL or k.startswith(c + "_") for k in keys])
       if not sel.any():
         raise ValueError(f"{paths[0]}: no key of category {c!r}")
       r = [pearson(scores[sel], h[sel]) for h in (h1, h2)]

@@ -81,3 +81,14 @@ def pil_images(seed=0):
   p = out[-1].copy()
   p.info["transparency"] = 5
   return out + [p]
+
+
+def transformers_embed(directory, images):
+  """transformers end to end: SiglipVisionModel + AutoImageProcessor of the
+  directory, L2-normalised pooler output."""
+  model = transformers.SiglipVisionModel.from_pretrained(directory).eval()
+  pix = transformers.AutoImageProcessor.from_pretrained(directory)(
+      images=list(images), return_tensors="pt")["pixel_values"]
+  with torch.no_grad():
+    out = model(pixel_values=pix).pooler_output
+  return torch.nn.functional.normalize(out, dim=-1).numpy()

@@ -7,11 +7,10 @@ import ml_dtypes
 import numpy as np
 import pytest
 import safetensors.numpy
-import torch
-import transformers
 
 from conftest import pil_images
 from conftest import random_images
+from conftest import transformers_embed
 from nearid_jax import CheckpointError
 from nearid_jax import NearID
 from nearid_jax.demo import export_check
@@ -323,20 +322,11 @@ def test_bad_images_are_refused(loaded, images, match):
     model.embed(images)
 
 
-def _transformers_embed(directory, images):
-  """transformers end to end: model + AutoImageProcessor of the directory."""
-  embed, _ = export_check.load(directory, "hf-siglip")
-  pix = transformers.AutoImageProcessor.from_pretrained(directory)(
-      images=images, return_tensors="pt")["pixel_values"]
-  with torch.no_grad():
-    return embed(pix).numpy()
-
-
 def test_directory_preprocessing_equals_transformers(siglip_dir):
   # Sizes below and above the resolution, RGBA/LA/L/P modes.
   images = pil_images()
   model = NearID.load(siglip_dir)
-  want = _transformers_embed(siglip_dir, images)
+  want = transformers_embed(siglip_dir, images)
   np.testing.assert_allclose(model.embed(images), want, atol=1e-4, rtol=0)
   resample = json.load(open(os.path.join(siglip_dir,
                                          "preprocessor_config.json")))["resample"]

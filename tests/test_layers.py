@@ -23,7 +23,7 @@ LAYERS = [
     ("evaluators", ("nearid_jax.evaluators",)),
     ("training", ("nearid_jax.training",)),
     ("demo", ("nearid_jax.demo",)),
-    ("launch", ("nearid_jax.tasks", "nearid_jax.sweep")),
+    ("launch", ("nearid_jax.tasks", "nearid_jax.sweep", "nearid_jax.score")),
     ("configs", ("configs",)),
 ]
 

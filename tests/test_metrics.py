@@ -155,11 +155,13 @@ def test_mtg_oracle():
 
 
 def np_mh(human, scores, methods, category):
-  """Fisher-z over methods of the two groups' mean Pearson r."""
+  """Fisher-z over methods of the two groups' mean Pearson r (category None:
+  every key)."""
   zs = []
   for m in methods:
     keys = list(human["group1"][m])
-    sel = [i for i, k in enumerate(keys) if k.startswith(category + "_")]
+    sel = [i for i, k in enumerate(keys)
+           if category is None or k.startswith(category + "_")]
     x = np.array(list(scores[m].values()))[sel]
     r = [np.corrcoef(x, np.array(list(human[g][m].values()))[sel])[0, 1]
          for g in ("group1", "group2")]
@@ -236,10 +238,13 @@ def test_dreambench_scores_round_trip(tmp_path):
                                [100 * cos(a, b) for a, b in zip(ref, gen)],
                                rtol=1e-5)
     metrics.write_dreambench_scores(scores[m], str(tmp_path / "s"), m)
-  got = metrics.dreambench_mh(human_dir, str(tmp_path / "s"), methods)
+  got = metrics.dreambench_mh(human_dir, str(tmp_path / "s"), methods,
+                              metrics.DB_CATEGORIES + (metrics.DB_ALL,))
   for c in metrics.DB_CATEGORIES:
     np.testing.assert_allclose(got[c], np_mh(human, scores, methods, c),
                                rtol=1e-6)
+  np.testing.assert_allclose(got[metrics.DB_ALL],
+                             np_mh(human, scores, methods, None), rtol=1e-6)
 
 
 def test_dreambench_metric_key_spellings(tmp_path):

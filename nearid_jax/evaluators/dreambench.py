@@ -17,6 +17,22 @@ def _image(x, key, which):
   return x
 
 
+def check_keys(keys, human_dir, method):
+  """The human files' keys of `method`, in their order, after checking that
+  `keys` holds each of them and nothing else."""
+  want = metrics.dreambench_keys(human_dir, method)
+  known, given = set(want), set(keys)
+  missing = [k for k in want if k not in given]
+  extra = [k for k in keys if k not in known]
+  if missing or extra:
+    raise ValueError(
+        f"{method}: pairs do not match the keys of "
+        f"{os.path.join(human_dir, 'group1', method + '-cp.json')}: "
+        f"{len(missing)} missing (first {missing[:3]}), {len(extra)} unknown "
+        f"(first {extra[:3]})")
+  return want
+
+
 def dreambench(model, pairs, human_dir, out_dir, method, chunk=256):
   """Scores reference/generated pairs into out_dir/{method}.json.
 
@@ -32,16 +48,7 @@ def dreambench(model, pairs, human_dir, out_dir, method, chunk=256):
   Returns:
     the written path; its JSON is {key: 100 * cos} in the human files' order.
   """
-  keys = metrics.dreambench_keys(human_dir, method)
-  missing = [k for k in keys if k not in pairs]
-  known = set(keys)
-  extra = [k for k in pairs if k not in known]
-  if missing or extra:
-    raise ValueError(
-        f"{method}: pairs do not match the keys of "
-        f"{os.path.join(human_dir, 'group1', method + '-cp.json')}: "
-        f"{len(missing)} missing (first {missing[:3]}), {len(extra)} unknown "
-        f"(first {extra[:3]})")
+  keys = check_keys(list(pairs), human_dir, method)
   ref, gen = [], []
   for i in range(0, len(keys), chunk):
     part = keys[i:i + chunk]
