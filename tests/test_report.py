@@ -1,4 +1,6 @@
-"""report.json / report.md / plots, and the numbers behind the plots."""
+"""report.json / report.md / plots / samples.csv, and the numbers behind
+the plots."""
+import csv
 import json
 import os
 
@@ -6,6 +8,7 @@ import numpy as np
 from PIL import Image
 
 from nearid_jax.evaluators import embed
+from nearid_jax.evaluators import nearid
 from nearid_jax.evaluators import report
 
 SOURCES = ("Flux", "Qwen")
@@ -182,3 +185,63 @@ def test_kpca_points_pick_views_and_first_source_distractors():
                         True, True]
   np.testing.assert_array_equal(pts[7], emb.distractors["trained"][1, 0, 0])
   np.testing.assert_array_equal(pts[8], emb.distractors["trained"][1, 0, 2])
+
+
+def repool(rows, head, sources):
+  """SSR/PA of `sources` from samples.csv's rows alone."""
+  wins = {}  # (row, source) -> [margin > 0 for every valid margin]
+  for r in rows:
+    if r["source"] in sources:
+      for k in ("i", "j"):
+        if r[f"{head}_margin_{k}"]:
+          wins.setdefault((r["row"], r["source"]), []).append(
+              float(r[f"{head}_margin_{k}"]) > 0)
+  flat = [w for ws in wins.values() for w in ws]
+  return {"ssr": np.mean([all(ws) for ws in wins.values()]),
+          "pa": np.mean(flat), "n_samples": len(wins), "n_margins": len(flat)}
+
+
+def test_samples_csv_repools_to_the_report(tmp_path):
+  emb = fake_embedded(n=12, seed=3)
+  scores = {h: {"nearid": r} for h, r in nearid.nearid_scores(emb).items()}
+  report.write(str(tmp_path), {}, scores, emb)
+  with open(tmp_path / "samples.csv", newline="") as f:
+    rows = list(csv.DictReader(f))
+  rep = json.load(open(tmp_path / "report.json"))["scores"]
+  for h in ("baseline", "trained"):
+    for s in SOURCES:
+      got = repool(rows, h, {s})
+      want = rep[h]["nearid"]["sources"][s]
+      assert got["n_samples"] == want["n_samples"]
+      assert got["n_margins"] == want["n_margins"]
+      np.testing.assert_allclose([got["ssr"], got["pa"]],
+                                 [want["ssr"], want["pa"]], rtol=1e-12)
+    got, want = repool(rows, h, set(SOURCES)), rep[h]["nearid"]["pooled"]
+    np.testing.assert_allclose([got["ssr"], got["pa"]],
+                               [want["ssr"], want["pa"]], rtol=1e-12)
+  # The similarities, against loops; a missing distractor leaves cells empty.
+  v, n = emb.views["trained"], emb.distractors["trained"]
+  for r in rows:
+    row = int(r["row"]) - 10
+    s, i, j = SOURCES.index(r["source"]), int(r["view_i"]), int(r["view_j"])
+    assert emb.view_mask[row, i] and emb.view_mask[row, j]
+    np.testing.assert_allclose(float(r["trained_pos"]), v[row, i] @ v[row, j],
+                               atol=1e-6)
+    for k, view in (("i", i), ("j", j)):
+      if emb.distractor_mask[row, s, view]:
+        d = v[row, view] @ n[row, s, view]
+        np.testing.assert_allclose(float(r[f"trained_dist_{k}"]), d,
+                                   atol=1e-6)
+        np.testing.assert_allclose(float(r[f"trained_margin_{k}"]),
+                                   float(r["trained_pos"]) - d, atol=1e-6)
+      else:
+        assert r[f"trained_dist_{k}"] == r[f"trained_margin_{k}"] == ""
+  # sample_success: every valid margin of the (row, source) wins.
+  for h in ("baseline", "trained"):
+    for r in rows:
+      wins = [float(x[f"{h}_margin_{k}"]) > 0 for x in rows for k in "ij"
+              if (x["row"], x["source"]) == (r["row"], r["source"])
+              and x[f"{h}_margin_{k}"]]
+      assert r[f"{h}_sample_success"] == (str(int(all(wins))) if wins else "")
+  # 12 rows, 4 of them with 2 views: (8 * 3 + 4) pairs per source.
+  assert len(rows) == 2 * (8 * 3 + 4)

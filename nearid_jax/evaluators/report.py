@@ -1,4 +1,5 @@
-"""Evaluation reports: report.json, report.md (SPEC.md §7 Table 1) and plots.
+"""Evaluation reports: report.json, report.md (SPEC.md §7 Table 1), plots and
+the per-sample results samples.csv (samples.py).
 
 Rows are scorers (the baseline head and the trained head), columns the Table 1
 columns the data allows: NearID SSR/PA (pooled over the sources of SPEC §5),
@@ -14,6 +15,8 @@ import math
 import os
 
 import numpy as np
+
+from nearid_jax.evaluators import samples
 
 # (column, where in a head's scores, unit): "pct" printed as 100 * x.
 TABLE1 = (("NearID SSR", ("nearid", "pooled", "ssr"), "pct"),
@@ -93,7 +96,7 @@ def markdown(rep):
 
 
 def write(out_dir, meta, scores, emb=None, metrics_jsonl=None):
-  """Writes report.json, report.md and the plots into out_dir.
+  """Writes report.json, report.md, the plots and samples.csv into out_dir.
 
   Args:
     out_dir: created if needed.
@@ -101,7 +104,8 @@ def write(out_dir, meta, scores, emb=None, metrics_jsonl=None):
     scores: {head: {"nearid": evaluate.nearid_scores entry, "mtg":
       metrics.mtg result (optional), "dreambench": {category: M-H}
       (optional)}}.
-    emb: the NearID evaluate.Embedded, for the histograms and KernelPCA.
+    emb: the NearID evaluate.Embedded, for the histograms, KernelPCA and
+      samples.csv.
     metrics_jsonl: a workdir's metrics.jsonl, for the training curve.
 
   Returns:
@@ -113,6 +117,7 @@ def write(out_dir, meta, scores, emb=None, metrics_jsonl=None):
     plot_histograms(emb, os.path.join(out_dir, "similarity_hist.png"))
     plot_kernel_pca(emb, os.path.join(out_dir, "kernel_pca.png"))
     plots += ["similarity_hist.png", "kernel_pca.png"]
+    samples.write(os.path.join(out_dir, "samples.csv"), emb)
   if metrics_jsonl and plot_curve(metrics_jsonl,
                                   os.path.join(out_dir, "training_curve.png")):
     plots.append("training_curve.png")
