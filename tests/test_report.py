@@ -124,7 +124,8 @@ def test_columns_follow_the_data(tmp_path):
   rep = report.write(str(tmp_path), {}, scores)  # no embeddings, no curve
   assert list(rep["table1"]["trained"]) == ["NearID SSR", "NearID PA"]
   assert rep["plots"] == []
-  assert sorted(os.listdir(tmp_path)) == ["report.json", "report.md"]
+  assert sorted(os.listdir(tmp_path)) == ["report.json", "report.md",
+                                         "table1.csv", "table1.tex"]
   assert not report.plot_curve(_jsonl(tmp_path / "m.jsonl", [{"step": 1}]),
                                str(tmp_path / "c.png"))
   assert not os.path.exists(tmp_path / "c.png")
@@ -245,3 +246,51 @@ def test_samples_csv_repools_to_the_report(tmp_path):
       assert r[f"{h}_sample_success"] == (str(int(all(wins))) if wins else "")
   # 12 rows, 4 of them with 2 views: (8 * 3 + 4) pairs per source.
   assert len(rows) == 2 * (8 * 3 + 4)
+
+
+def _tex_rows(tex):
+  """The data rows (cells) of each tabular in a .tex text."""
+  tables, cur = [], None
+  for line in tex.splitlines():
+    if line.startswith(r"\midrule"):
+      cur = [] if cur is None else cur
+    elif line.startswith(r"\bottomrule"):
+      tables.append(cur)
+      cur = None
+    elif cur is not None:
+      cur.append([c.strip() for c in line.rstrip("\\ ").split("&")])
+  return tables
+
+
+def test_table1_tex_and_csv(tmp_path):
+  scores = fake_scores()
+  for s in scores.values():  # a source name LaTeX needs escaped
+    s["nearid"]["sources"]["Flux_1024"] = s["nearid"]["sources"].pop("Qwen")
+  report.write(str(tmp_path), {}, scores)
+  pct = lambda x: f"{100 * x:.2f}"
+  main, per_source = _tex_rows((tmp_path / "table1.tex").read_text())
+  for row, h in zip(main, ("baseline", "trained"), strict=True):
+    s = scores[h]
+    assert row == [h, pct(s["nearid"]["pooled"]["ssr"]),
+                   pct(s["nearid"]["pooled"]["pa"]), f"{s['mtg']['mo']:.3f}",
+                   f"{s['mtg']['mo_pair']:.3f}", pct(s["mtg"]["ssr"]),
+                   pct(s["mtg"]["pa"]),
+                   "--" if h == "baseline" else "0.545"]
+  names = {"Flux": "Flux", r"Flux\_1024": "Flux_1024"}
+  assert [r[0] for r in per_source] == list(names) + ["pooled"]
+  for row in per_source:
+    r = {h: (scores[h]["nearid"]["pooled"] if row[0] == "pooled" else
+             scores[h]["nearid"]["sources"][names[row[0]]]) for h in scores}
+    assert row[1:] == [pct(r[h][m]) for m in ("ssr", "pa")
+                       for h in ("baseline", "trained")]
+  tex = (tmp_path / "table1.tex").read_text()
+  assert r"M-O\_pair" in tex and "Flux_1024" not in tex
+  with open(tmp_path / "table1.csv", newline="") as f:
+    rows = list(csv.DictReader(f))
+  for row in rows:
+    s = scores[row["scorer"]]
+    assert float(row["NearID SSR"]) == 100 * s["nearid"]["pooled"]["ssr"]
+    assert float(row["MTG M-O"]) == s["mtg"]["mo"]
+    assert float(row["NearID Flux_1024 PA"]) == (
+        100 * s["nearid"]["sources"]["Flux_1024"]["pa"])
+  assert [r["DB++ M-H"] for r in rows] == ["", "0.545"]

@@ -1,5 +1,6 @@
-"""Evaluation reports: report.json, report.md (SPEC.md §7 Table 1), plots and
-the per-sample results samples.csv (samples.py).
+"""Evaluation reports: report.json, report.md (SPEC.md §7 Table 1), the
+paper-style table1.tex and table1.csv, plots and the per-sample results
+samples.csv (samples.py).
 
 Rows are scorers (the baseline head and the trained head), columns the Table 1
 columns the data allows: NearID SSR/PA (pooled over the sources of SPEC §5),
@@ -10,6 +11,7 @@ DreamBench++ results. Plots (matplotlib, Agg backend):
                        distractors (the paper's Figure 5)
   training_curve.png   loss and SSR over steps, from a workdir's metrics.jsonl
 """
+import csv
 import json
 import math
 import os
@@ -26,6 +28,11 @@ TABLE1 = (("NearID SSR", ("nearid", "pooled", "ssr"), "pct"),
           ("MTG SSR", ("mtg", "ssr"), "pct"),
           ("MTG PA", ("mtg", "pa"), "pct"),
           ("DB++ M-H", ("dreambench", "object"), "r"))
+# The paper's two header rows: (group, column) of each TABLE1 column.
+TEX_HEADER = {"NearID SSR": ("NearID", "SSR"), "NearID PA": ("NearID", "PA"),
+              "MTG M-O": ("MTG", "M-O"), "M-O_pair": ("MTG", "M-O_pair"),
+              "MTG SSR": ("MTG", "SSR"), "MTG PA": ("MTG", "PA"),
+              "DB++ M-H": ("DB++", "M-H")}
 RETRIEVAL = (("R@1", "r@1"), ("R@5", "r@5"), ("R@10", "r@10"), ("mAP", "map"))
 KPCA_IDENTITIES = 6
 
@@ -96,7 +103,8 @@ def markdown(rep):
 
 
 def write(out_dir, meta, scores, emb=None, metrics_jsonl=None):
-  """Writes report.json, report.md, the plots and samples.csv into out_dir.
+  """Writes report.json, report.md, table1.tex, table1.csv, the plots and
+  samples.csv into out_dir.
 
   Args:
     out_dir: created if needed.
@@ -128,7 +136,100 @@ def write(out_dir, meta, scores, emb=None, metrics_jsonl=None):
     f.write("\n")
   with open(os.path.join(out_dir, "report.md"), "w") as f:
     f.write(markdown(rep))
+  with open(os.path.join(out_dir, "table1.tex"), "w") as f:
+    f.write(latex(rep))
+  with open(os.path.join(out_dir, "table1.csv"), "w", newline="") as f:
+    header, rows = table1_rows(rep)
+    csv.writer(f).writerows([header] + rows)
   return rep
+
+
+def _sources(scores):
+  return list(next(iter(scores.values()))["nearid"]["sources"])
+
+
+def table1_rows(rep):
+  """table1.csv: (header, rows); a row per scorer with the Table 1 columns in
+  the paper's units (SSR and PA in %), then every source's NearID SSR and
+  PA; empty where a scorer has no value."""
+  scores, t1 = rep["scores"], rep["table1"]
+  units = {c: u for c, _, u in TABLE1}
+  cols, sources = list(next(iter(t1.values()))), _sources(scores)
+  header = ["scorer"] + cols + [f"NearID {s} {m}" for s in sources
+                                for m in ("SSR", "PA")]
+
+  def paper(value, unit):
+    if value is None:
+      return ""
+    return repr(100 * value if unit == "pct" else value)
+  rows = [[h] + [paper(t1[h][c], units[c]) for c in cols] +
+          [paper(scores[h]["nearid"]["sources"][s][m], "pct")
+           for s in sources for m in ("ssr", "pa")] for h in scores]
+  return header, rows
+
+
+_TEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%",
+                "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{", "}": r"\}"}
+
+
+def _tex(text):
+  return "".join(_TEX_ESCAPES.get(ch, ch) for ch in str(text))
+
+
+def _tex_row(cells):
+  return " & ".join(cells) + r" \\"
+
+
+def _tex_cell(value, unit):
+  text = fmt(value, unit)
+  return "--" if text == "-" else text
+
+
+def latex(rep):
+  """table1.tex: Table 1's layout (scorers as rows, NearID / MTG / DB++
+  column groups), then NearID SSR/PA per source and pooled (booktabs)."""
+  scores, t1 = rep["scores"], rep["table1"]
+  units = {c: u for c, _, u in TABLE1}
+  cols, heads = list(next(iter(t1.values()))), list(scores)
+  groups = []  # [group, first column, last column], columns from 2
+  for k, c in enumerate(cols, 2):
+    if groups and groups[-1][0] == TEX_HEADER[c][0]:
+      groups[-1][2] = k
+    else:
+      groups.append([TEX_HEADER[c][0], k, k])
+  lines = [r"% Table 1 (SPEC.md §7), needs \usepackage{booktabs}; SSR and "
+           "PA in %, M-O and M-H Pearson r.",
+           r"\begin{tabular}{l" + "r" * len(cols) + "}", r"\toprule",
+           _tex_row(["Scorer"] + [
+               rf"\multicolumn{{{b - a + 1}}}{{c}}{{{_tex(g)}}}"
+               for g, a, b in groups]),
+           " ".join(rf"\cmidrule(lr){{{a}-{b}}}" for _, a, b in groups),
+           _tex_row([""] + [_tex(TEX_HEADER[c][1]) for c in cols]),
+           r"\midrule"]
+  lines += [_tex_row([_tex(h)] + [_tex_cell(t1[h][c], units[c])
+                                   for c in cols]) for h in heads]
+  lines += [r"\bottomrule", r"\end{tabular}", ""]
+  # NearID per source, then the pool Table 1 reports.
+  nearid = {h: s["nearid"] for h, s in scores.items()}
+  rows = [(_tex(src), [nearid[h]["sources"][src] for h in heads])
+          for src in _sources(scores)]
+  pooled = nearid[heads[0]].get("pooled_sources", [])
+  n = len(heads)
+  lines += ["% NearID SSR and PA (%) per distractor source; pooled: " +
+            ", ".join(pooled),
+            r"\begin{tabular}{l" + "r" * 2 * n + "}", r"\toprule",
+            _tex_row(["Source"] + [rf"\multicolumn{{{n}}}{{c}}{{{m}}}"
+                                   for m in ("SSR", "PA")]),
+            rf"\cmidrule(lr){{2-{1 + n}}} \cmidrule(lr){{{2 + n}-{1 + 2 * n}}}",
+            _tex_row([""] + [_tex(h) for h in heads] * 2), r"\midrule"]
+  lines += [_tex_row([name] + [_tex_cell(r[m], "pct") for m in ("ssr", "pa")
+                               for r in per_head]) for name, per_head in rows]
+  if pooled:
+    lines += [r"\midrule", _tex_row(["pooled"] + [
+        _tex_cell(nearid[h]["pooled"][m], "pct") for m in ("ssr", "pa")
+        for h in heads])]
+  lines += [r"\bottomrule", r"\end{tabular}"]
+  return "\n".join(lines) + "\n"
 
 
 def _json_default(x):
