@@ -20,6 +20,8 @@ One row per measured thing, each from the benchmark module that owns it
                 PyTorch eager only (the tower is >98% of its FLOPs, and
                 torch.compile only ever wraps the head + loss)
   embed         tower + head forward, B/16@224, batch 8, vs transformers
+  score         the score command's work on 64 JPEG files (decode, resize,
+                embed, cosine), B/16@224, vs transformers' model + processor
   eval_embed    evaluation embedding of the demo tower, both heads
   eval_split    a training evaluation after the first (demo tower, trained
                 head): from the tower tokens the first one kept vs from
@@ -55,6 +57,7 @@ from benchmarks import embed_throughput
 from benchmarks import eval_throughput
 from benchmarks import input_throughput
 from benchmarks import retrieval_throughput
+from benchmarks import score_throughput
 from benchmarks import train_throughput
 
 DEFAULT_JSON = os.path.join("benchmarks", "results", "suite.json")
@@ -110,6 +113,11 @@ BENCHMARKS = {
     "embed": (embed_throughput.rows,
               dict(variant="B/16", res=224, batch=8, warmup=2, repeats=3),
               dict(variant="mu/16", res=32, batch=2, try_compile=False,
+                   **QUICK_ONCE)),
+    "score": (score_throughput.rows,
+              dict(variant="B/16", res=224, images=64, batch=16, warmup=1,
+                   repeats=3),
+              dict(variant="mu/16", res=32, images=4, hw=(40, 48), batch=2,
                    **QUICK_ONCE)),
     "eval_embed": (eval_throughput.embed_rows, dict(repeats=3),
                    dict(rows=2, repeats=1)),

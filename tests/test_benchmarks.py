@@ -16,7 +16,7 @@ from nearid_jax import vit
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ROWS = {"train_demo", "train_demo_cached", "train_b16", "train_so400m",
-        "embed", "eval_embed", "eval_split", "ssr", "eval_retrieval", "retrieval",
+        "embed", "score", "eval_embed", "eval_split", "ssr", "eval_retrieval", "retrieval",
         "input_demo", "input_demo_cached", "cache"}
 
 
