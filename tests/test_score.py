@@ -243,3 +243,16 @@ def test_command_line(siglip_dir, tmp_path):
   assert r.returncode == 1
   assert "q.csv line 2, column b: image" in r.stderr
   assert not (tmp_path / "o2.csv").exists()
+
+
+def test_bfloat16_is_close(siglip_dir, tmp_path):
+  paths = write_images(str(tmp_path))
+  pairs = write_csv(tmp_path / "p.csv", ["a", "b"],
+                    [(paths[i], paths[i + 1]) for i in range(len(paths) - 1)])
+  got = {}
+  for dtype in ("float32", "bfloat16"):
+    rows, _ = score.run(siglip_dir, str(tmp_path / f"{dtype}.csv"),
+                        pairs=pairs, dtype=dtype, log=lambda *a: None)
+    got[dtype] = np.array([float(r["score"]) for r in rows])
+  np.testing.assert_allclose(got["bfloat16"], got["float32"], atol=2e-2)
+  assert not np.array_equal(got["bfloat16"], got["float32"])
