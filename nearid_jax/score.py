@@ -120,7 +120,7 @@ def folder_pairs(dir_a, dir_b, log):
   a = [os.path.join(dir_a, f) for f in both]
   b = [os.path.join(dir_b, f) for f in both]
   return Table(["a", "b"], [{"a": x, "b": y} for x, y in zip(a, b)], a, b,
-               list(a))
+               [f"the pair {f}" for f in both])
 
 
 def _read(path):

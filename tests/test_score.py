@@ -256,3 +256,16 @@ def test_bfloat16_is_close(siglip_dir, tmp_path):
     got[dtype] = np.array([float(r["score"]) for r in rows])
   np.testing.assert_allclose(got["bfloat16"], got["float32"], atol=2e-2)
   assert not np.array_equal(got["bfloat16"], got["float32"])
+
+
+def test_folders_name_the_pair_of_a_bad_image(siglip_dir, tmp_path):
+  for d in ("A", "B"):
+    (tmp_path / d).mkdir()
+    Image.new("RGB", (9, 9)).save(tmp_path / d / "ok.png")
+  Image.new("RGB", (9, 9)).save(tmp_path / "A" / "bad.png")
+  (tmp_path / "B" / "bad.png").write_bytes(b"truncated")
+  with pytest.raises(ValueError, match=r"the pair bad.png, column b: image "
+                     r".*B/bad.png: cannot read image"):
+    score.run(siglip_dir, str(tmp_path / "o.csv"), a=str(tmp_path / "A"),
+              b=str(tmp_path / "B"), log=lambda *a: None)
+  assert not (tmp_path / "o.csv").exists()
