@@ -312,6 +312,7 @@ def save(directory, flat, arch, fmt, dtype, resize="pil"):
                                                     "model.safetensors"),
                               metadata={"format": "pt"})
   for name, obj in (("config.json", config),
-                    ("preprocessor_config.json", _preprocessor_config(arch, resize))):
+                    ("preprocessor_config.json",
+                     _preprocessor_config(arch, resize))):
     with open(os.path.join(directory, name), "w") as f:
       json.dump(obj, f, indent=2)
