@@ -16,6 +16,8 @@ from input_pipeline.grain_pipeline import train_iterator
 from input_pipeline.groups import CorruptImage
 from input_pipeline.tfds_builders import DataError
 from input_pipeline.tfds_builders import prepare
+from input_pipeline.tfds_builders import StaleBuild
 
 __all__ = ["default_config", "eval_batches", "train_dataset",
-           "train_iterator", "prepare", "CorruptImage", "DataError"]
+           "train_iterator", "prepare", "CorruptImage", "DataError",
+           "StaleBuild"]

@@ -31,7 +31,8 @@ Config fields (`config.input`, defaults in `default_config()`):
   data_dir      TFDS data dir holding the prepared nearid/ and mtg/
   manual_dir    the HF downloads that prepare reads (tfds_builders)
   sources       distractor sources of training groups (drawn per slot)
-  eval_sources  sources of eval rows (prepare builds both sets)
+  eval_sources  sources of eval rows (prepare builds both sets); follows
+                sources unless set itself
   split         training split ("train")
   batch_size    global batch, in groups
   res, resize   squash-resize side and method ("pil" or "tf")
@@ -43,6 +44,9 @@ Config fields (`config.input`, defaults in `default_config()`):
   skip_corrupt  mask and count corrupt images (and drop bad rows at
                 prepare) instead of stopping
   split_seed    the seeded split prepare makes when no split files exist
+  rebuild       prepare rebuilds datasets that exist (needed when the
+                manual dir or the fields above changed since their build:
+                prepare, training and evaluation stop on such a build)
   feature_cache a directory nearid_jax.feature_cache.write built ("" =
                 none): train the head on its tokens, same groups in the
                 same order as from the images
@@ -65,7 +69,9 @@ def default_config():
   c.manual_dir = "data/hf"
   c.sources = ("Flux", "Flux_1024", "Qwen", "Qwen_1328", "PowerPaint",
                "SDXL", "SDXL_1024")
-  c.eval_sources = c.sources
+  # A derived reference: it follows `sources`, and setting it (on the
+  # command line too) replaces it without changing `sources`.
+  c.eval_sources = c.get_ref("sources") + ()
   c.split = "train"
   c.batch_size = 128
   c.res = 384
@@ -77,6 +83,7 @@ def default_config():
   c.mtg_repeat = 4
   c.skip_corrupt = False
   c.split_seed = 0
+  c.rebuild = False
   c.feature_cache = ""
   return c
 
@@ -227,10 +234,10 @@ def group_stream(cfg, num_nearid, num_mtg, maker, finish, process_index=None,
 def train_dataset(cfg, process_index=None, process_count=None):
   """The training stream of this process, a grain IterDataset of batches."""
   nearid = tfds_builders.data_source(
-      tfds_builders.load_nearid(cfg.data_dir, cfg.sources), cfg.split)
+      tfds_builders.load_nearid(cfg, cfg.sources), cfg.split)
   mtg = None
   if cfg.mtg_repeat > 0:
-    mtg = tfds_builders.data_source(tfds_builders.load_mtg(cfg.data_dir),
+    mtg = tfds_builders.data_source(tfds_builders.load_mtg(cfg),
                                     "train")
   maker = groups.GroupMaker(
       cfg.sources, groups.Decoder(cfg.res, cfg.resize, cfg.skip_corrupt),
@@ -279,10 +286,10 @@ def eval_batches(cfg, split, sources=None, batch_size=None, dataset="nearid",
   batch = _local_batch(batch_size, process_count)
   if dataset == "nearid":
     sources = tuple(cfg.eval_sources if sources is None else sources)
-    source = tfds_builders.load_nearid(cfg.data_dir, sources)
+    source = tfds_builders.load_nearid(cfg, sources)
   elif dataset == "mtg":
     sources = ("mtg",)
-    source = tfds_builders.load_mtg(cfg.data_dir)
+    source = tfds_builders.load_mtg(cfg)
   else:
     raise ValueError(f"unknown eval dataset {dataset!r}: 'nearid' or 'mtg'")
   if split not in source.info.splits:

@@ -51,7 +51,9 @@ SOURCES = ("Flux", "Flux_1024", "FluxC", "FluxC_1024", "PowerPaint", "Qwen",
            "Qwen_1328", "SDXL", "SDXL_1024")
 POSITIVES = "NearID"
 MTG_FOLDER = "mtg-dataset"
+SPLITS = "splits"
 VIEWS = 3
+DISTRACTORS = tuple(f"nimg{k + 1}" for k in range(VIEWS))
 _BYTES = lambda n: tfds.features.Tensor(shape=(n,), dtype=np.object_)
 
 
@@ -89,11 +91,11 @@ def _image(value, table, split, row, field, required):
   return data
 
 
-def _need_columns(table, names):
+def _need_columns(table, names, role):
   missing = [n for n in names if n not in table.column_names]
   if missing:
-    raise DataError(f"{table.path}: no column(s) {missing} (columns: "
-                    f"{table.column_names})")
+    raise DataError(f"{role} {table.path}: missing column(s) {missing}; "
+                    f"columns found: {table.column_names}")
 
 
 def _view_prefix(table):
@@ -101,8 +103,64 @@ def _view_prefix(table):
   for prefix in ("images", "img"):
     if f"{prefix}1" in table.column_names:
       return prefix
-  raise DataError(f"{table.path}: no view columns images1..3 or img1..3 "
-                  f"(columns: {table.column_names})")
+  raise DataError(f"positives {table.path}: missing view columns images1..3 "
+                  f"(or img1..3); columns found: {table.column_names}")
+
+
+def _positives(manual):
+  """The positives' table and its view columns' prefix, schema checked."""
+  pos = _open(manual, POSITIVES, "positives")
+  prefix = _view_prefix(pos)
+  _need_columns(pos, ["id", "n_images"] + [f"{prefix}{k + 1}"
+                                           for k in range(VIEWS)], "positives")
+  # Masks are optional, but a partial set is a renamed column, not a choice.
+  masks = [f"masks{k + 1}" for k in range(VIEWS)]
+  if any(m in pos.column_names for m in masks):
+    _need_columns(pos, masks, "positives")
+  return pos, prefix
+
+
+def nearid_inputs(manual, sources, split_seed):
+  """Opens and checks what a NearID build reads, before it reads a row.
+
+  Returns (positives, view prefix, {source: table}, {split: row positions}).
+  """
+  pos, prefix = _positives(manual)
+  srcs = {}
+  for s in sources:
+    role = f"distractor source {s!r}"
+    srcs[s] = _open(manual, f"{POSITIVES}-{s}", role)
+    _need_columns(srcs[s], ["id"] + list(DISTRACTORS), role)
+    if len(srcs[s]) != len(pos):
+      raise DataError(f"{srcs[s].path} has {len(srcs[s])} rows, the "
+                      f"positives {pos.path} {len(pos)}: the datasets must "
+                      "be row-aligned")
+  split_dir = os.path.join(manual, SPLITS)
+  if os.path.isdir(split_dir):
+    parts = splits_lib.read(split_dir, len(pos))
+  else:
+    parts = splits_lib.seeded(len(pos), split_seed)
+    logging.info("no %s: seeded split %s", split_dir,
+                 {k: len(v) for k, v in parts.items()})
+  return pos, prefix, srcs, parts
+
+
+def mtg_inputs(manual):
+  """{split: table} of MTG's train and test splits, schema checked."""
+  path = os.path.join(manual, MTG_FOLDER)
+  if not os.path.isdir(path):
+    raise DataError(f"MTG: {path} not found")
+  out = {}
+  for split in ("train", "test"):
+    try:
+      out[split] = hf_format.Table(path, split)
+    except hf_format.FormatError:
+      continue
+    _need_columns(out[split], [f for fields in MTG.FIELDS.values()
+                               for f in fields], f"MTG split {split!r}")
+  if not out:
+    raise DataError(f"MTG: {path} has neither a train nor a test split")
+  return out
 
 
 def config_name(sources):
@@ -143,27 +201,17 @@ class NearID(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     manual = os.fspath(dl_manager.manual_dir)
-    pos = _open(manual, POSITIVES, "positives")
-    _need_columns(pos, ["id", "n_images"])
-    prefix = _view_prefix(pos)
-    srcs = {}
-    for s in self.builder_config.sources:
-      srcs[s] = _open(manual, f"{POSITIVES}-{s}", f"distractor source {s!r}")
-      _need_columns(srcs[s], ["id"])
-      if len(srcs[s]) != len(pos):
-        raise DataError(f"{srcs[s].path} has {len(srcs[s])} rows, the "
-                        f"positives {pos.path} {len(pos)}: the datasets must "
-                        "be row-aligned")
-    split_dir = os.path.join(manual, "splits")
-    if os.path.isdir(split_dir):
-      parts = splits_lib.read(split_dir, len(pos))
-    else:
-      parts = splits_lib.seeded(len(pos), self.builder_config.split_seed)
-      logging.info("no %s: seeded split %s", split_dir,
-                   {k: len(v) for k, v in parts.items()})
-    self.info.metadata.update(skipped_rows={}, blanked_images={})
+    config = self.builder_config
+    pos, prefix, srcs, parts = nearid_inputs(manual, config.sources,
+                                             config.split_seed)
+    self.info.metadata.update(skipped_rows={}, blanked_images={},
+                              fingerprint=self.fingerprint(manual))
     return {name: self._generate_examples(pos, prefix, srcs, name, rows)
             for name, rows in parts.items()}
+
+  def fingerprint(self, manual):
+    c = self.builder_config
+    return nearid_fingerprint(manual, c.sources, c.split_seed)
 
   def _generate_examples(self, pos, prefix, srcs, split, rows):
     skip = self.builder_config.skip_corrupt
@@ -203,11 +251,14 @@ class NearID(tfds.core.GeneratorBasedBuilder):
             f"{table.path} split {split!r} row {r}: id {srow['id']!r} does "
             f"not match the positives' id {row['id']!r} ({pos.path}); the "
             "datasets must be row-aligned")
+      # A distractor is missing only past the row's n_images (the source's
+      # own when it has that column): a blank elsewhere is lost data.
+      n_source = srow.get("n_images")
+      n_source = n if n_source is None else n_source
       distractors[s] = []
-      for k in range(VIEWS):
-        field = f"nimg{k + 1}"
+      for k, field in enumerate(DISTRACTORS):
         try:
-          data = (_image(srow.get(field), table, split, r, field, False)
+          data = (_image(srow[field], table, split, r, field, k < n_source)
                   if k < n else b"")
         except _RowError as e:
           if not self.builder_config.skip_corrupt:
@@ -244,21 +295,15 @@ class MTG(tfds.core.GeneratorBasedBuilder):
         disable_shuffling=True, metadata=tfds.core.MetadataDict())
 
   def _split_generators(self, dl_manager):
-    path = os.path.join(os.fspath(dl_manager.manual_dir), MTG_FOLDER)
-    if not os.path.isdir(path):
-      raise DataError(f"MTG: {path} not found")
-    out = {}
-    for split in ("train", "test"):
-      try:
-        table = hf_format.Table(path, split)
-      except hf_format.FormatError:
-        continue
-      _need_columns(table, self.FIELDS["views"])
-      out[split] = self._generate_examples(table, split)
-    if not out:
-      raise DataError(f"MTG: {path} has neither a train nor a test split")
-    self.info.metadata.update(skipped_rows={})
-    return out
+    manual = os.fspath(dl_manager.manual_dir)
+    tables = mtg_inputs(manual)
+    self.info.metadata.update(skipped_rows={},
+                              fingerprint=self.fingerprint(manual))
+    return {split: self._generate_examples(table, split)
+            for split, table in tables.items()}
+
+  def fingerprint(self, manual):
+    return mtg_fingerprint(manual)
 
   def _generate_examples(self, table, split):
     skipped = []
@@ -267,8 +312,8 @@ class MTG(tfds.core.GeneratorBasedBuilder):
       try:
         ex = {"index": r}
         for key, fields in self.FIELDS.items():
-          ex[key] = [_image(row.get(f), table, split, r, f, key == "views")
-                     for f in fields]
+          ex[key] = [_image(row[f], table, split, r, f,
+                            key in ("views", "edits")) for f in fields]
       except _RowError as e:
         if not self.builder_config.skip_corrupt:
           raise
@@ -279,9 +324,93 @@ class MTG(tfds.core.GeneratorBasedBuilder):
     self.info.metadata["skipped_rows"][split] = skipped
 
 
-def _build(builder, manual_dir, overwrite):
-  mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite else
-          tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
+class StaleBuild(ValueError):
+  """A prepared dataset built from other inputs than the config names."""
+
+
+def _files(manual, folders):
+  """{path under manual: [size, mtime_ns]} of the files in `folders`.
+
+  Hidden files are left out: a hub download's `.cache/` bookkeeping and
+  lock files change without the data changing.
+  """
+  out = {}
+  for folder in folders:
+    for dirpath, dirs, names in os.walk(os.path.join(manual, folder)):
+      dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+      for name in sorted(names):
+        if name.startswith("."):
+          continue
+        path = os.path.join(dirpath, name)
+        st = os.stat(path)
+        out[os.path.relpath(path, manual)] = [st.st_size, st.st_mtime_ns]
+  return out
+
+
+def nearid_fingerprint(manual, sources, split_seed):
+  """What a NearID build reads: its manual dir files and the fields that
+  shape it (a build records it; prepare, training and evaluation compare).
+
+  skip_corrupt is left out: a build that skipped nothing is the same either
+  way, and one that did counts what it dropped in its metadata.
+  """
+  folders = [POSITIVES] + [f"{POSITIVES}-{s}" for s in sources] + [SPLITS]
+  config = {"sources": list(sources)}
+  if not os.path.isdir(os.path.join(manual, SPLITS)):
+    config["split_seed"] = split_seed  # only a seeded split depends on it
+  return {"files": _files(manual, folders), "config": config}
+
+
+def mtg_fingerprint(manual):
+  return {"files": _files(manual, [MTG_FOLDER]), "config": {}}
+
+
+def _changes(built, now):
+  """What differs between a build's fingerprint and its inputs now, in words
+  ([]: nothing)."""
+  if not built:
+    return ["the build records no fingerprint of its inputs"]
+  keys = sorted(set(built["config"]) | set(now["config"]))
+  out = [f"input.{k} was {built['config'].get(k)!r}, now "
+         f"{now['config'].get(k)!r}" for k in keys
+         if built["config"].get(k) != now["config"].get(k)]
+  old, new = built["files"], now["files"]
+  for name in sorted(set(old) | set(new)):
+    if name not in new:
+      out.append(f"{name} removed")
+    elif name not in old:
+      out.append(f"{name} added")
+    elif list(old[name]) != list(new[name]):
+      size = (f"{old[name][0]} -> {new[name][0]} bytes"
+              if old[name][0] != new[name][0] else "same size, new mtime")
+      out.append(f"{name} changed ({size})")
+  return out
+
+
+def _stale(path, manual, changes):
+  shown = changes[:5] + ([f"and {len(changes) - 5} more"]
+                         if len(changes) > 5 else [])
+  return StaleBuild(
+      f"{path} was built from other inputs than the config names now "
+      f"(manual dir {manual}): {'; '.join(shown)}. Rebuild it with "
+      "`launch.py --mode prepare --config.input.rebuild=True`")
+
+
+def _plan(builder, manual, rebuild):
+  """-> None to reuse `builder`'s existing build, else the TFDS mode that
+  builds it; stops on a build whose inputs changed unless rebuild."""
+  if not builder.is_prepared():
+    return tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS
+  if not rebuild:
+    changes = _changes(builder.info.metadata.get("fingerprint"),
+                       builder.fingerprint(manual))
+    if changes:
+      raise _stale(os.fspath(builder.data_dir), manual, changes)
+    return None
+  return tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS  # overwrites
+
+
+def _build(builder, manual, mode):
   # TFDS announces every build on stdout ("Downloading and preparing dataset
   # Unknown size ..."), though nothing is downloaded and the caller says
   # where the build went: shown from absl's INFO verbosity only.
@@ -289,32 +418,52 @@ def _build(builder, manual_dir, overwrite):
   with (contextlib.redirect_stdout(io.StringIO()) if quiet
         else contextlib.nullcontext()):
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        manual_dir=manual_dir, download_mode=mode))
-  return builder.data_dir
+        manual_dir=manual, download_mode=mode))
 
 
-def prepare(cfg, overwrite=False):
+def all_sources(cfg):
+  """cfg.sources and cfg.eval_sources: the release's order first, then any
+  other source, once each."""
+  wanted = tuple(cfg.sources) + tuple(cfg.eval_sources)
+  return tuple(dict.fromkeys([s for s in SOURCES if s in wanted]
+                             + list(wanted)))
+
+
+def prepare(cfg, log=print):
   """Builds NearID (cfg.sources and cfg.eval_sources) and MTG when present.
 
   MTG is built when `<manual_dir>/mtg-dataset` exists, and required when
-  cfg.mtg_repeat > 0. Returns {name: prepared directory}.
+  cfg.mtg_repeat > 0. Every input is checked (schemas, row alignment, split
+  files, earlier builds' fingerprints) before anything is built. An earlier
+  build from the same inputs is reused; one from other inputs stops the
+  prepare naming what changed, unless cfg.rebuild. Logs one line per
+  dataset; returns {name: prepared directory}.
   """
-  wanted = tuple(cfg.sources) + tuple(cfg.eval_sources)
-  # The release's order first, then any other source, once each.
-  sources = tuple(dict.fromkeys(
-      [s for s in SOURCES if s in wanted] + list(wanted)))
-  config = NearIDConfig(name=config_name(sources), sources=sources,
-                        skip_corrupt=cfg.skip_corrupt,
-                        split_seed=cfg.split_seed)
-  out = {"nearid": _build(NearID(data_dir=cfg.data_dir, config=config,
-                                 file_format="array_record"),
-                          cfg.manual_dir, overwrite)}
-  if cfg.mtg_repeat > 0 or os.path.isdir(os.path.join(cfg.manual_dir,
-                                                      MTG_FOLDER)):
-    mtg = MTG(data_dir=cfg.data_dir, file_format="array_record",
-              config=MTGConfig(name="default", skip_corrupt=cfg.skip_corrupt))
-    out["mtg"] = _build(mtg, cfg.manual_dir, overwrite)
-  return {k: os.fspath(v) for k, v in out.items()}
+  manual = cfg.manual_dir
+  sources = all_sources(cfg)
+  nearid_inputs(manual, sources, cfg.split_seed)
+  builders = [NearID(data_dir=cfg.data_dir, file_format="array_record",
+                     config=NearIDConfig(name=config_name(sources),
+                                         sources=sources,
+                                         skip_corrupt=cfg.skip_corrupt,
+                                         split_seed=cfg.split_seed))]
+  if cfg.mtg_repeat > 0 or os.path.isdir(os.path.join(manual, MTG_FOLDER)):
+    mtg_inputs(manual)
+    builders.append(MTG(data_dir=cfg.data_dir, file_format="array_record",
+                        config=MTGConfig(name="default",
+                                         skip_corrupt=cfg.skip_corrupt)))
+  plans = [_plan(b, manual, cfg.rebuild) for b in builders]
+  out = {}
+  for builder, mode in zip(builders, plans):
+    path = out[builder.name] = os.fspath(builder.data_dir)
+    if mode is None:
+      log(f"prepared {builder.name}: {path} (reused: its inputs are "
+          "unchanged)")
+      continue
+    _build(builder, manual, mode)
+    log(f"prepared {builder.name}: {path} "
+        f"({'rebuilt' if mode.overwrite_dataset else 'built'})")
+  return out
 
 
 def _prepared(data_dir, name):
@@ -327,28 +476,51 @@ def _prepared(data_dir, name):
   return found
 
 
-def load_nearid(data_dir, sources):
-  """The prepared NearID holding `sources` -> tfds builder (read-only)."""
-  found = _prepared(data_dir, NearID.name)
-  for _, builder in found:
-    if set(sources) <= set(builder.info.metadata["sources"]):
+def _current(found, cfg, fingerprint):
+  """The first of `found` built from the inputs cfg names; stops on a stale
+  one. Without the manual dir (deleted after prepare, or not on this host)
+  there is nothing to compare."""
+  if not found or not os.path.isdir(cfg.manual_dir):
+    return found[0][1] if found else None
+  stale = []
+  for path, builder in found:
+    changes = _changes(builder.info.metadata.get("fingerprint"),
+                       fingerprint(builder))
+    if not changes:
       return builder
+    stale.append((path, changes))
+  raise _stale(stale[0][0], cfg.manual_dir, stale[0][1])
+
+
+def load_nearid(cfg, sources):
+  """The prepared NearID holding `sources` -> tfds builder (read-only).
+
+  cfg: config.input (data_dir, manual_dir and the fields that shape a build).
+  """
+  found = _prepared(cfg.data_dir, NearID.name)
+  holding = [(p, b) for p, b in found
+             if set(sources) <= set(b.info.metadata["sources"])]
+  if holding:
+    return _current(holding, cfg, lambda b: nearid_fingerprint(
+        cfg.manual_dir, b.info.metadata["sources"], cfg.split_seed))
   have = [b.info.metadata["sources"] for _, b in found]
   missing = sorted(set(sources) - set().union(*map(set, have or [[]])))
   raise DataError(
       f"NearID with sources {list(sources)} is not prepared under "
-      f"{os.path.join(data_dir, NearID.name)} (prepared: {have or 'nothing'}"
+      f"{os.path.join(cfg.data_dir, NearID.name)} (prepared: "
+      f"{have or 'nothing'}"
       f"{'; never prepared: ' + str(missing) if missing else ''}); run "
       "prepare (launch.py --mode prepare) with these sources")
 
 
-def load_mtg(data_dir):
-  found = _prepared(data_dir, MTG.name)
+def load_mtg(cfg):
+  """The prepared MTG -> tfds builder; cfg as load_nearid's."""
+  found = _prepared(cfg.data_dir, MTG.name)
   if not found:
     raise DataError(f"MTG is not prepared under "
-                    f"{os.path.join(data_dir, MTG.name)}; put it in "
+                    f"{os.path.join(cfg.data_dir, MTG.name)}; put it in "
                     f"<manual_dir>/{MTG_FOLDER} and run prepare")
-  return found[0][1]
+  return _current(found, cfg, lambda b: mtg_fingerprint(cfg.manual_dir))
 
 
 def data_source(builder, split):
