@@ -18,7 +18,11 @@ or without a config file:
     python -c "import input_pipeline as ip; c = ip.default_config(); \
         c.manual_dir = 'data/hf'; c.data_dir = 'data/tfds'; ip.prepare(c)"
 It builds <data_dir>/nearid/<source-source-...>/1.0.0 and
-<data_dir>/mtg/default/1.0.0, and reuses them when they exist.
+<data_dir>/mtg/default/1.0.0. Each build records a fingerprint of its inputs
+(the files it read: names, sizes, mtimes; the fields that shape it); prepare
+reuses a build whose inputs are unchanged and stops on one whose inputs
+changed (StaleBuild, naming the changes) unless input.rebuild, and training
+and evaluation (load_nearid, load_mtg) refuse such a build.
 
 NearID records (one per row of a split, in split-file order):
   index (row position in the released datasets), id, category,
@@ -26,13 +30,19 @@ NearID records (one per row of a split, in split-file order):
 MTG records: index, views (2,) [image_{1,2}_original], edits (2,)
   [image_{1,2}_inpainted], object_masks (2,), part_masks (2,).
 
-Checks at build time: a source folder that is missing is named; distractor
-rows whose `id` differs from the positives' stop the build; a row without a
-required field (id, n_images, the n_images views) or with an image whose
-header does not parse stops with dataset, split, row and field named, or,
-with skip_corrupt, is dropped (a bad distractor image is blanked) and counted
-in the dataset's metadata (`metadata.json`: skipped_rows, blanked_images).
+Checks before anything is built: each dataset's columns (a missing or
+renamed one stops, naming the folder, the missing columns and the columns
+found), that every source folder exists and is row-aligned, the split files.
+While building: distractor rows whose `id` differs from the positives' stop
+the build; a row without a required field (id, n_images, the n_images views,
+MTG's views and edits) or with an image whose header does not parse stops
+with dataset, split, row and column named, or, with skip_corrupt, is dropped
+(a bad distractor image is blanked) and counted in the dataset's metadata
+(`metadata.json`: skipped_rows, blanked_images). A distractor absent where
+its view exists is kept blank and counted per split and source
+(absent_distractors); prepare's line shows every count.
 """
+import bisect
 import contextlib
 import dataclasses
 import io
@@ -204,8 +214,12 @@ class NearID(tfds.core.GeneratorBasedBuilder):
     config = self.builder_config
     pos, prefix, srcs, parts = nearid_inputs(manual, config.sources,
                                              config.split_seed)
+    # The user's view column names, for errors found when reading records.
     self.info.metadata.update(skipped_rows={}, blanked_images={},
-                              fingerprint=self.fingerprint(manual))
+                              absent_distractors={},
+                              fingerprint=self.fingerprint(manual),
+                              view_columns=[f"{prefix}{k + 1}"
+                                            for k in range(VIEWS)])
     return {name: self._generate_examples(pos, prefix, srcs, name, rows)
             for name, rows in parts.items()}
 
@@ -215,10 +229,11 @@ class NearID(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, pos, prefix, srcs, split, rows):
     skip = self.builder_config.skip_corrupt
-    skipped, blanked = [], 0
+    skipped, blanked, absent = [], 0, dict.fromkeys(srcs, 0)
     for key, r in enumerate(rows):
       try:
-        example, n_blanked = self._example(pos, prefix, srcs, split, r)
+        example, n_blanked, absent_k = self._example(pos, prefix, srcs, split,
+                                                     r)
       except _RowError as e:
         if not skip:
           raise
@@ -226,9 +241,12 @@ class NearID(tfds.core.GeneratorBasedBuilder):
         skipped.append(r)
         continue
       blanked += n_blanked
+      for source in absent_k:
+        absent[source] += 1
       yield key, example
     self.info.metadata["skipped_rows"][split] = skipped
     self.info.metadata["blanked_images"][split] = blanked
+    self.info.metadata["absent_distractors"][split] = absent
 
   def _example(self, pos, prefix, srcs, split, r):
     row = pos.row(r)
@@ -243,7 +261,7 @@ class NearID(tfds.core.GeneratorBasedBuilder):
                     required=True) if k < n else b"" for k in range(VIEWS)]
     masks = [_image(row.get(f"masks{k + 1}"), pos, split, r, f"masks{k + 1}",
                     required=False) if k < n else b"" for k in range(VIEWS)]
-    distractors, blanked = {}, 0
+    distractors, blanked, absent = {}, 0, []
     for s, table in srcs.items():
       srow = table.row(r)
       if srow["id"] != row["id"]:
@@ -251,14 +269,10 @@ class NearID(tfds.core.GeneratorBasedBuilder):
             f"{table.path} split {split!r} row {r}: id {srow['id']!r} does "
             f"not match the positives' id {row['id']!r} ({pos.path}); the "
             "datasets must be row-aligned")
-      # A distractor is missing only past the row's n_images (the source's
-      # own when it has that column): a blank elsewhere is lost data.
-      n_source = srow.get("n_images")
-      n_source = n if n_source is None else n_source
       distractors[s] = []
       for k, field in enumerate(DISTRACTORS):
         try:
-          data = (_image(srow[field], table, split, r, field, k < n_source)
+          data = (_image(srow[field], table, split, r, field, False)
                   if k < n else b"")
         except _RowError as e:
           if not self.builder_config.skip_corrupt:
@@ -266,9 +280,14 @@ class NearID(tfds.core.GeneratorBasedBuilder):
           logging.warning("blanked: %s", e)
           data, blanked = b"", blanked + 1
         distractors[s].append(data)
+        # A source need not edit every view (an edit that changes nothing
+        # visible is left out), but a blank where the view exists is
+        # counted: a source that is mostly blank shows in prepare's line.
+        if k < n and srow[field] is None:
+          absent.append(s)
     return {"index": r, "id": str(row["id"]),
             "category": str(row.get("category") or ""), "views": views,
-            "masks": masks, "distractors": distractors}, blanked
+            "masks": masks, "distractors": distractors}, blanked, absent
 
 
 @dataclasses.dataclass(eq=False)
@@ -457,13 +476,31 @@ def prepare(cfg, log=print):
   for builder, mode in zip(builders, plans):
     path = out[builder.name] = os.fspath(builder.data_dir)
     if mode is None:
-      log(f"prepared {builder.name}: {path} (reused: its inputs are "
-          "unchanged)")
-      continue
-    _build(builder, manual, mode)
-    log(f"prepared {builder.name}: {path} "
-        f"({'rebuilt' if mode.overwrite_dataset else 'built'})")
+      how = "reused: its inputs are unchanged"
+    else:
+      _build(builder, manual, mode)
+      how = "rebuilt" if mode.overwrite_dataset else "built"
+    log(f"prepared {builder.name}: {path} ({how}{_counts(builder)})")
   return out
+
+
+def _counts(builder):
+  """What a build dropped, blanked or found absent, for prepare's line."""
+  meta, out = builder.info.metadata, []
+  skipped = sum(len(v) for v in meta.get("skipped_rows", {}).values())
+  if skipped:
+    out.append(f"{skipped} rows skipped")
+  blanked = sum(meta.get("blanked_images", {}).values())
+  if blanked:
+    out.append(f"{blanked} corrupt distractors blanked")
+  absent = {}
+  for per_source in meta.get("absent_distractors", {}).values():
+    for source, n in per_source.items():
+      absent[source] = absent.get(source, 0) + n
+  if any(absent.values()):
+    out.append("distractors absent where the view exists: " + ", ".join(
+        f"{s} {n}" for s, n in absent.items() if n))
+  return "".join(f"; {x}" for x in out)
 
 
 def _prepared(data_dir, name):
@@ -523,6 +560,13 @@ def load_mtg(cfg):
   return _current(found, cfg, lambda b: mtg_fingerprint(cfg.manual_dir))
 
 
+def view_columns(builder):
+  """{views field: the positives' column a NearID build read it from}."""
+  names = builder.info.metadata.get("view_columns",
+                                    [f"images{k + 1}" for k in range(VIEWS)])
+  return {f"images{k + 1}": name for k, name in enumerate(names)}
+
+
 def data_source(builder, split):
   """`builder`'s split as a random-access source whose faults name the file.
 
@@ -544,14 +588,27 @@ def data_source(builder, split):
     if have != want:
       raise DataError(f"{path}: {have} records, dataset_info.json says "
                       f"{want}: a truncated shard; run prepare again")
-  return _NamedSource(builder.as_data_source(split=split), paths)
+  return _NamedSource(builder.as_data_source(split=split), paths,
+                      info.shard_lengths)
 
 
 class _NamedSource:
   """A tfds data source whose read errors name the shard files and record."""
 
-  def __init__(self, source, paths):
+  def __init__(self, source, paths, shard_lengths):
     self.source, self.paths = source, paths
+    self.starts = [0]
+    for n in shard_lengths:
+      self.starts.append(self.starts[-1] + n)
+
+  def locate(self, index):
+    """Record `index`'s shard file, its record there, and its row id."""
+    shard = bisect.bisect_right(self.starts, index) - 1
+    out = f"record {index - self.starts[shard]} of {self.paths[shard]}"
+    row_id = self.source[index].get("id")
+    if row_id is not None:
+      out += f", id {row_id.decode() if isinstance(row_id, bytes) else row_id}"
+    return out
 
   def __len__(self):
     return len(self.source)

@@ -307,28 +307,18 @@ def test_user_column_names_build_the_same_records(built, tmp_path, layout):
                                                       split)
 
 
-def test_missing_distractor_where_the_row_has_a_view_stops(tmp_path):
+def test_distractor_absent_where_the_view_exists_is_counted(tmp_path):
   pos, neg = _rows()
   r = next(i for i, n in enumerate(pos["n_images"][1]) if n == 3)
   neg["Flux"]["nimg3"][1][r] = None
   manual = _write(tmp_path / "hf", pos, neg)
-  with pytest.raises(input_pipeline.DataError,
-                     match=rf"NearID-Flux split '{_split_of(r)}' row {r} "
-                     "field 'nimg3': missing"):
-    input_pipeline.prepare(_config(manual, tmp_path / "tfds"))
-  out = input_pipeline.prepare(_config(manual, tmp_path / "t2",
-                                       skip_corrupt=True))
+  lines = []
+  out = input_pipeline.prepare(_config(manual, tmp_path / "tfds"),
+                               log=lines.append)
+  assert lines == [f"prepared nearid: {out['nearid']} (built; distractors "
+                   "absent where the view exists: Flux 1)"]
   meta = tfds.builder_from_directory(out["nearid"]).info.metadata
-  assert meta["blanked_images"][_split_of(r)] == 1
-
-
-def test_distractor_past_its_own_n_images_may_be_missing(tmp_path):
-  pos, neg = _rows()
-  r = next(i for i, n in enumerate(pos["n_images"][1]) if n == 3)
-  neg["Flux"]["nimg3"][1][r] = None
-  neg["Flux"]["n_images"][1][r] = 2
-  manual = _write(tmp_path / "hf", pos, neg)
-  out = input_pipeline.prepare(_config(manual, tmp_path / "tfds"))
+  assert meta["absent_distractors"][_split_of(r)] == {"Flux": 1, "Qwen": 0}
   rec = next(x for x in _records(out["nearid"], _split_of(r))
              if x["index"] == r)
   assert rec["distractors"]["Flux"][2] == b""
