@@ -130,7 +130,7 @@ def _positives(manual):
   return pos, prefix
 
 
-def nearid_inputs(manual, sources, split_seed):
+def _nearid_inputs(manual, sources, split_seed):
   """Opens and checks what a NearID build reads, before it reads a row.
 
   Returns (positives, view prefix, {source: table}, {split: row positions}).
@@ -155,7 +155,7 @@ def nearid_inputs(manual, sources, split_seed):
   return pos, prefix, srcs, parts
 
 
-def mtg_inputs(manual):
+def _mtg_inputs(manual):
   """{split: table} of MTG's train and test splits, schema checked."""
   path = os.path.join(manual, MTG_FOLDER)
   if not os.path.isdir(path):
@@ -212,9 +212,9 @@ class NearID(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager):
     manual = os.fspath(dl_manager.manual_dir)
     config = self.builder_config
-    pos, prefix, srcs, parts = nearid_inputs(manual, config.sources,
-                                             config.split_seed)
-    # The user's view column names, for errors found when reading records.
+    pos, prefix, srcs, parts = _nearid_inputs(manual, config.sources,
+                                              config.split_seed)
+    # view_columns: the user's names, for errors found reading records.
     self.info.metadata.update(skipped_rows={}, blanked_images={},
                               absent_distractors={},
                               fingerprint=self.fingerprint(manual),
@@ -225,7 +225,7 @@ class NearID(tfds.core.GeneratorBasedBuilder):
 
   def fingerprint(self, manual):
     c = self.builder_config
-    return nearid_fingerprint(manual, c.sources, c.split_seed)
+    return _nearid_fingerprint(manual, c.sources, c.split_seed)
 
   def _generate_examples(self, pos, prefix, srcs, split, rows):
     skip = self.builder_config.skip_corrupt
@@ -315,14 +315,14 @@ class MTG(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     manual = os.fspath(dl_manager.manual_dir)
-    tables = mtg_inputs(manual)
+    tables = _mtg_inputs(manual)
     self.info.metadata.update(skipped_rows={},
                               fingerprint=self.fingerprint(manual))
     return {split: self._generate_examples(table, split)
             for split, table in tables.items()}
 
   def fingerprint(self, manual):
-    return mtg_fingerprint(manual)
+    return _mtg_fingerprint(manual)
 
   def _generate_examples(self, table, split):
     skipped = []
@@ -366,7 +366,7 @@ def _files(manual, folders):
   return out
 
 
-def nearid_fingerprint(manual, sources, split_seed):
+def _nearid_fingerprint(manual, sources, split_seed):
   """What a NearID build reads: its manual dir files and the fields that
   shape it (a build records it; prepare, training and evaluation compare).
 
@@ -380,7 +380,7 @@ def nearid_fingerprint(manual, sources, split_seed):
   return {"files": _files(manual, folders), "config": config}
 
 
-def mtg_fingerprint(manual):
+def _mtg_fingerprint(manual):
   return {"files": _files(manual, [MTG_FOLDER]), "config": {}}
 
 
@@ -440,14 +440,6 @@ def _build(builder, manual, mode):
         manual_dir=manual, download_mode=mode))
 
 
-def all_sources(cfg):
-  """cfg.sources and cfg.eval_sources: the release's order first, then any
-  other source, once each."""
-  wanted = tuple(cfg.sources) + tuple(cfg.eval_sources)
-  return tuple(dict.fromkeys([s for s in SOURCES if s in wanted]
-                             + list(wanted)))
-
-
 def prepare(cfg, log=print):
   """Builds NearID (cfg.sources and cfg.eval_sources) and MTG when present.
 
@@ -459,15 +451,19 @@ def prepare(cfg, log=print):
   dataset; returns {name: prepared directory}.
   """
   manual = cfg.manual_dir
-  sources = all_sources(cfg)
-  nearid_inputs(manual, sources, cfg.split_seed)
+  wanted = tuple(cfg.sources) + tuple(cfg.eval_sources)
+  # The release's order first, then any other source, once each.
+  sources = tuple(dict.fromkeys(
+      [s for s in SOURCES if s in wanted] + list(wanted)))
+  # A fault in any input stops before the first build, not after it.
+  _nearid_inputs(manual, sources, cfg.split_seed)
   builders = [NearID(data_dir=cfg.data_dir, file_format="array_record",
                      config=NearIDConfig(name=config_name(sources),
                                          sources=sources,
                                          skip_corrupt=cfg.skip_corrupt,
                                          split_seed=cfg.split_seed))]
   if cfg.mtg_repeat > 0 or os.path.isdir(os.path.join(manual, MTG_FOLDER)):
-    mtg_inputs(manual)
+    _mtg_inputs(manual)
     builders.append(MTG(data_dir=cfg.data_dir, file_format="array_record",
                         config=MTGConfig(name="default",
                                          skip_corrupt=cfg.skip_corrupt)))
@@ -538,7 +534,7 @@ def load_nearid(cfg, sources):
   holding = [(p, b) for p, b in found
              if set(sources) <= set(b.info.metadata["sources"])]
   if holding:
-    return _current(holding, cfg, lambda b: nearid_fingerprint(
+    return _current(holding, cfg, lambda b: _nearid_fingerprint(
         cfg.manual_dir, b.info.metadata["sources"], cfg.split_seed))
   have = [b.info.metadata["sources"] for _, b in found]
   missing = sorted(set(sources) - set().union(*map(set, have or [[]])))
@@ -557,7 +553,7 @@ def load_mtg(cfg):
     raise DataError(f"MTG is not prepared under "
                     f"{os.path.join(cfg.data_dir, MTG.name)}; put it in "
                     f"<manual_dir>/{MTG_FOLDER} and run prepare")
-  return _current(found, cfg, lambda b: mtg_fingerprint(cfg.manual_dir))
+  return _current(found, cfg, lambda b: _mtg_fingerprint(cfg.manual_dir))
 
 
 def view_columns(builder):
