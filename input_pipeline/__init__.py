@@ -1,6 +1,9 @@
 """NearID and MTG input: TFDS builders (ArrayRecord), grain pipelines, data.
 
-  prepare(config.input)            HF downloads -> ArrayRecord (tfds_builders)
+  prepare(config.input)            HF downloads -> ArrayRecord (tfds_builders);
+                                   a build whose inputs changed since is
+                                   refused everywhere (StaleBuild) until
+                                   rebuilt (config.input.rebuild)
   train_iterator(config.input, process_index, process_count)
                                    checkpointable training batches
   eval_batches(config.input, split, sources, batch_size)

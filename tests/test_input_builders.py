@@ -1,6 +1,7 @@
 """TFDS builders: HF on-disk NearID/MTG -> ArrayRecord, without TensorFlow."""
 import json
 import os
+import re
 import shutil
 import sys
 
@@ -305,6 +306,20 @@ def test_user_column_names_build_the_same_records(built, tmp_path, layout):
   for split in ("train", "val", "test"):
     assert _records(out["nearid"], split) == _records(prepared["nearid"],
                                                       split)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_bad_image_at_prepare_names_file_split_row_and_user_column(tmp_path,
+                                                                  layout):
+  pos, neg = _rows()
+  pos = _img_columns(pos)
+  pos["img2"][1][7] = b"not an image"
+  manual = _user_data(tmp_path / "hf", layout, pos, neg)
+  with pytest.raises(input_pipeline.DataError,
+                     match=rf"^{re.escape(str(manual / 'NearID'))} split "
+                     rf"'{_split_of(7)}' row 7 field 'img2': not a readable "
+                     "image"):
+    input_pipeline.prepare(_config(manual, tmp_path / "tfds"))
 
 
 def test_distractor_absent_where_the_view_exists_is_counted(tmp_path):
