@@ -2,6 +2,8 @@
 
   python launch.py --config configs/demo.py --workdir runs/demo --mode demo
   python launch.py --config configs/nearid_r7.py:CKPT --workdir W [--mode train]
+  python launch.py --config configs/nearid_r7.py --mode prepare \
+      --config.input.manual_dir=data/hf --config.input.data_dir=data/tfds
       modes: demo, prepare, cache, train, eval, export, sweep
   --config.FIELD=VALUE overrides any field; a misspelled one is an error.
   --verbosity=0 (or higher) shows the libraries' INFO logs and progress
@@ -20,8 +22,10 @@ from nearid_jax.cpu import xla_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.",
                                           lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (the sweep "
-                               "root with --mode sweep).")
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Run directory (the sweep root with --mode sweep); "
+    "optional for --mode prepare when input.data_dir and input.manual_dir "
+    "are set.")
 _MODE = flags.DEFINE_enum(
     "mode", "train",
     ["demo", "prepare", "cache", "train", "eval", "export", "sweep"],
@@ -30,7 +34,7 @@ _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False, "Call jax.distributed.initialize() first (multi-"
     "host TPU slices and GPU clusters; it reads the cluster from the "
     "environment).")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["config"])
 
 
 def _quiet_console():
@@ -50,6 +54,16 @@ def _quiet_console():
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config, workdir = _CONFIG.value, _WORKDIR.value
+  if workdir is None:
+    if _MODE.value != "prepare":
+      raise app.UsageError(f"--mode {_MODE.value} needs --workdir")
+    unset = [f"--config.input.{k}" for k in ("manual_dir", "data_dir")
+             if not config.input[k]]
+    if unset:
+      raise app.UsageError(f"--mode prepare without --workdir needs "
+                           f"{' and '.join(unset)} (empty, they default to "
+                           "the workdir's data/hf and data/tfds)")
   _quiet_console()
   # Before JAX starts its backend: XLA reads XLA_FLAGS once.
   xla_flags.add_defaults(os.environ)
@@ -59,7 +73,6 @@ def main(argv):
   # Imported after flag parsing so that --help stays fast.
   from nearid_jax import tasks  # pylint: disable=g-import-not-at-top
   from nearid_jax.training.preemption import Preempted  # pylint: disable=g-import-not-at-top
-  config, workdir = _CONFIG.value, _WORKDIR.value
   try:
     if _MODE.value == "sweep":
       tasks.sweep(config,

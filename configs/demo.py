@@ -34,8 +34,7 @@ def get_config(arg=None):
   c.input.data_dir = ""         # "" = <workdir>/data/tfds
   c.input.manual_dir = ""       # "" = <workdir>/data/hf (generated)
   # Colour edits: what a frozen pico tower's tokens can carry (docs/demo.md).
-  c.input.sources = ("Flux", "SDXL")
-  c.input.eval_sources = c.input.sources
+  c.input.sources = ("Flux", "SDXL")  # eval_sources follows
   c.input.mtg_repeat = 1
 
   c.eval.batch_size = 64

@@ -1,6 +1,9 @@
 """NearID and MTG input: TFDS builders (ArrayRecord), grain pipelines, data.
 
-  prepare(config.input)            HF downloads -> ArrayRecord (tfds_builders)
+  prepare(config.input)            HF downloads -> ArrayRecord (tfds_builders);
+                                   a build whose inputs changed since is
+                                   refused everywhere (StaleBuild) until
+                                   rebuilt (config.input.rebuild)
   train_iterator(config.input, process_index, process_count)
                                    checkpointable training batches
   eval_batches(config.input, split, sources, batch_size)
@@ -19,6 +22,8 @@ from input_pipeline.grain_pipeline import train_iterator
 from input_pipeline.groups import CorruptImage
 from input_pipeline.tfds_builders import DataError
 from input_pipeline.tfds_builders import prepare
+from input_pipeline.tfds_builders import StaleBuild
 
 __all__ = ["default_config", "eval_batches", "train_dataset",
-           "train_iterator", "prepare", "CorruptImage", "DataError"]
+           "train_iterator", "prepare", "CorruptImage", "DataError",
+           "StaleBuild"]

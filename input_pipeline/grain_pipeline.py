@@ -31,7 +31,8 @@ Config fields (`config.input`, defaults in `default_config()`):
   data_dir      TFDS data dir holding the prepared nearid/ and mtg/
   manual_dir    the HF downloads that prepare reads (tfds_builders)
   sources       distractor sources of training groups (drawn per slot)
-  eval_sources  sources of eval rows (prepare builds both sets)
+  eval_sources  sources of eval rows (prepare builds both sets); follows
+                sources unless set itself
   split         training split ("train")
   batch_size    global batch, in groups
   res, resize   squash-resize side and method ("pil" or "tf")
@@ -43,6 +44,9 @@ Config fields (`config.input`, defaults in `default_config()`):
   skip_corrupt  mask and count corrupt images (and drop bad rows at
                 prepare) instead of stopping
   split_seed    the seeded split prepare makes when no split files exist
+  rebuild       prepare rebuilds datasets that exist (needed when the
+                manual dir or the fields above changed since their build:
+                prepare, training and evaluation stop on such a build)
   feature_cache a directory nearid_jax.feature_cache.write built ("" =
                 none): train the head on its tokens, same groups in the
                 same order as from the images
@@ -65,7 +69,9 @@ def default_config():
   c.manual_dir = "data/hf"
   c.sources = ("Flux", "Flux_1024", "Qwen", "Qwen_1328", "PowerPaint",
                "SDXL", "SDXL_1024")
-  c.eval_sources = c.sources
+  # A derived reference: it follows `sources`, and setting it (on the
+  # command line too) replaces it without changing `sources`.
+  c.eval_sources = c.get_ref("sources") + ()
   c.split = "train"
   c.batch_size = 128
   c.res = 384
@@ -77,6 +83,7 @@ def default_config():
   c.mtg_repeat = 4
   c.skip_corrupt = False
   c.split_seed = 0
+  c.rebuild = False
   c.feature_cache = ""
   return c
 
@@ -165,8 +172,15 @@ class _RecordRefs:
   def __init__(self, nearid, mtg, sources):
     self.nearid, self.mtg, self.sources = nearid, mtg, tuple(sources)
 
+  def _source(self, dataset):
+    return self.nearid if dataset == groups.NEARID else self.mtg
+
+  def locate(self, dataset, position):
+    """GroupMaker's `locate`: the record's shard, record and row id."""
+    return self._source(dataset).locate(int(position))
+
   def __call__(self, dataset, positions):
-    source = self.nearid if dataset == groups.NEARID else self.mtg
+    source = self._source(dataset)
     records = [source[int(p)] for p in positions]
     rows = np.array([int(r["index"]) for r in records], np.int64)
     views = np.stack([_cells(r["views"]) for r in records])
@@ -226,15 +240,17 @@ def group_stream(cfg, num_nearid, num_mtg, maker, finish, process_index=None,
 
 def train_dataset(cfg, process_index=None, process_count=None):
   """The training stream of this process, a grain IterDataset of batches."""
-  nearid = tfds_builders.data_source(
-      tfds_builders.load_nearid(cfg.data_dir, cfg.sources), cfg.split)
+  builder = tfds_builders.load_nearid(cfg, cfg.sources)
+  nearid = tfds_builders.data_source(builder, cfg.split)
   mtg = None
   if cfg.mtg_repeat > 0:
-    mtg = tfds_builders.data_source(tfds_builders.load_mtg(cfg.data_dir),
+    mtg = tfds_builders.data_source(tfds_builders.load_mtg(cfg),
                                     "train")
+  refs = _RecordRefs(nearid, mtg, cfg.sources)
   maker = groups.GroupMaker(
       cfg.sources, groups.Decoder(cfg.res, cfg.resize, cfg.skip_corrupt),
-      cfg.seed, cfg.split, _RecordRefs(nearid, mtg, cfg.sources))
+      cfg.seed, cfg.split, refs, tfds_builders.view_columns(builder),
+      refs.locate)
   return group_stream(cfg, len(nearid), None if mtg is None else len(mtg),
                       maker, _as_images, process_index, process_count)
 
@@ -254,8 +270,9 @@ class _ReadRow:
     if position < 0:
       return self.maker.blank_row(self.mtg)
     record = self.source[int(position)]
-    return self.maker.mtg_row(record) if self.mtg else self.maker.nearid_row(
-        record)
+    if self.mtg:
+      return self.maker.mtg_row(record, position)
+    return self.maker.nearid_row(record, position)
 
 
 def eval_batches(cfg, split, sources=None, batch_size=None, dataset="nearid",
@@ -277,18 +294,22 @@ def eval_batches(cfg, split, sources=None, batch_size=None, dataset="nearid",
   process_index, process_count = _process(process_index, process_count)
   batch_size = batch_size or cfg.batch_size
   batch = _local_batch(batch_size, process_count)
+  columns = {}
   if dataset == "nearid":
     sources = tuple(cfg.eval_sources if sources is None else sources)
-    source = tfds_builders.load_nearid(cfg.data_dir, sources)
+    builder = tfds_builders.load_nearid(cfg, sources)
+    columns = tfds_builders.view_columns(builder)
   elif dataset == "mtg":
     sources = ("mtg",)
-    source = tfds_builders.load_mtg(cfg.data_dir)
+    builder = tfds_builders.load_mtg(cfg)
   else:
     raise ValueError(f"unknown eval dataset {dataset!r}: 'nearid' or 'mtg'")
-  if split not in source.info.splits:
+  if split not in builder.info.splits:
     raise ValueError(f"{dataset} has no split {split!r} (splits: "
-                     f"{list(source.info.splits)})")
-  source = tfds_builders.data_source(source, split)
+                     f"{list(builder.info.splits)})")
+  source = tfds_builders.data_source(builder, split)
+  refs = (_RecordRefs(source, None, sources) if dataset == "nearid"
+          else _RecordRefs(None, source, ()))
   n = len(source)
   steps = -(-n // batch_size)
   positions = [j * batch_size + process_index * batch + t
@@ -296,7 +317,7 @@ def eval_batches(cfg, split, sources=None, batch_size=None, dataset="nearid",
   positions = [p if p < n else -1 for p in positions]
   maker = groups.GroupMaker(
       sources, groups.Decoder(cfg.res, cfg.resize, cfg.skip_corrupt), 0,
-      split)
+      split, columns=columns, locate=refs.locate)
   ds = grain.MapDataset.source(positions).map(
       _ReadRow(source, maker, dataset == "mtg"))
   return ds.batch(batch).to_iter_dataset(read_options(cfg))

@@ -16,10 +16,11 @@ and squash-resized to res x res, preprocess.py semantics, kept
 uint8; scaling to [-1, 1] happens on device) or the feature cache's token
 lookup, both with the same `load` / `gather` contract.
 
-A corrupt image raises CorruptImage naming dataset, split, row and field, or,
-with skip_corrupt, leaves its slot masked and counts it in `n_skipped` (a
-skipped view also masks its distractor; the permutation runs over the views
-that decoded).
+A corrupt image raises CorruptImage naming dataset, split, row and field (the
+column the build read it from, e.g. img2) and, given `locate`, the ArrayRecord
+shard, record and row id; or, with skip_corrupt, leaves its slot masked and
+counts it in `n_skipped` (a skipped view also masks its distractor; the
+permutation runs over the views that decoded).
 """
 import io
 
@@ -44,6 +45,23 @@ def decode_mask(data):
   if not len(data):
     return None
   return np.asarray(Image.open(io.BytesIO(data)).convert("L"))
+
+
+class Place:
+  """Where an image is, for error messages; formatted only when shown (a
+  batch names every slot, and `locate` reads the record again)."""
+
+  def __init__(self, maker, dataset, name, row, field, position=None):
+    self.maker, self.dataset, self.name = maker, dataset, name
+    self.row, self.field, self.position = row, field, position
+
+  def __str__(self):
+    m = self.maker
+    out = (f"{self.name} split {m.split!r} row {self.row} field "
+           f"{m.columns.get(self.field, self.field)!r}")
+    if m.locate is not None and self.position is not None:
+      out += f" ({m.locate(self.dataset, self.position)})"
+    return out
 
 
 class Decoder:
@@ -128,14 +146,17 @@ class GroupMaker:
       images of training entries; distractor k of source s is
       distractors[:, s, k], S = len(sources) for NEARID and 1 for MTG (the
       edits). Only `batch` needs it.
+    columns: {field: the column the build read it from} where they differ
+      (a positives' `img2` for images2), for error messages.
+    locate: (dataset, position) -> where that record is stored, for error
+      messages (None: not named).
   """
 
-  def __init__(self, sources, reader, seed, split, refs=None):
+  def __init__(self, sources, reader, seed, split, refs=None, columns=None,
+               locate=None):
     self.sources, self.reader = tuple(sources), reader
     self.seed, self.split, self.refs = seed, split, refs
-
-  def _where(self, dataset, row, field):
-    return f"{dataset} split {self.split!r} row {row} field {field!r}"
+    self.columns, self.locate = dict(columns or {}), locate
 
   def batch(self, epoch, entries):
     """Training groups of (dataset, position, copy) entries in `epoch`.
@@ -169,7 +190,8 @@ class GroupMaker:
     def view_at(g, k):
       field = (f"images{k + 1}" if dataset[g] == NEARID
                else f"image_{k + 1}_original")
-      return self._where(_DATASET[dataset[g]], rows[g], field)
+      return Place(self, dataset[g], _DATASET[dataset[g]], rows[g], field,
+                   position[g])
 
     loaded, ok, skipped = self.reader.load(views, view_at)
     # Valid views in their drawn order, then the others in slot order.
@@ -183,9 +205,10 @@ class GroupMaker:
     def distractor_at(g, j):
       k = perm[g, j]
       if dataset[g] == MTG:
-        return self._where("MTG", rows[g], f"image_{k + 1}_inpainted")
-      return self._where(f"NearID-{self.sources[choice[g, k]]}", rows[g],
-                         f"nimg{k + 1}")
+        return Place(self, MTG, "MTG", rows[g], f"image_{k + 1}_inpainted",
+                     position[g])
+      return Place(self, NEARID, f"NearID-{self.sources[choice[g, k]]}",
+                   rows[g], f"nimg{k + 1}", position[g])
 
     loaded_d, dist_mask, skipped_d = self.reader.load(dists, distractor_at)
     slots = self.reader.gather(np.concatenate([_take(loaded, perm), loaded_d],
@@ -195,16 +218,20 @@ class GroupMaker:
             "is_mtg": dataset == MTG,
             "n_skipped": (skipped + skipped_d).astype(np.int32)}
 
-  def nearid_row(self, record):
-    """Eval: views in stored order, each source's distractors, no randomness."""
+  def nearid_row(self, record, position=None):
+    """Eval: views in stored order, each source's distractors, no randomness.
+
+    position: the record's, for error messages."""
     row, skipped = int(record["index"]), []
-    ims = [self.reader(b, self._where("NearID", row, f"images{k + 1}"),
-                       skipped) for k, b in enumerate(record["views"])]
+    ims = [self.reader(b, Place(self, NEARID, "NearID", row,
+                                f"images{k + 1}", position), skipped)
+           for k, b in enumerate(record["views"])]
     views, view_mask = self.reader.stack(ims)
     dists, dist_masks = [], []
     for s in self.sources:
-      d = [self.reader(b, self._where(f"NearID-{s}", row, f"nimg{k + 1}"),
-                       skipped) if ims[k] is not None else None
+      d = [self.reader(b, Place(self, NEARID, f"NearID-{s}", row,
+                                f"nimg{k + 1}", position), skipped)
+           if ims[k] is not None else None
            for k, b in enumerate(record["distractors"][s])]
       d, m = self.reader.stack(d)
       dists.append(d)
@@ -215,12 +242,14 @@ class GroupMaker:
             "index": np.int32(row), "valid": np.bool_(True),
             "n_skipped": np.int32(len(skipped))}
 
-  def mtg_row(self, record):
+  def mtg_row(self, record, position=None):
     """Eval: [I1, I2, -], distractors [[I1', I2', -]], oracle [o1, o2, 0]."""
     row, skipped = int(record["index"]), []
-    ims = [self.reader(b, self._where("MTG", row, f"image_{k + 1}_original"),
+    ims = [self.reader(b, Place(self, MTG, "MTG", row,
+                                f"image_{k + 1}_original", position),
                        skipped) for k, b in enumerate(record["views"])]
-    eds = [self.reader(b, self._where("MTG", row, f"image_{k + 1}_inpainted"),
+    eds = [self.reader(b, Place(self, MTG, "MTG", row,
+                                f"image_{k + 1}_inpainted", position),
                        skipped) if ims[k] is not None else None
            for k, b in enumerate(record["edits"])]
     views, view_mask = self.reader.stack(ims + [None])

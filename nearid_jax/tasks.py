@@ -24,9 +24,11 @@ def _resolve(config, workdir):
 
 
 def prepare(config, workdir):
-  workdir_lib.resolve_data_dirs(config, workdir)
-  for name, path in input_pipeline.prepare(config.input).items():
-    print(f"prepared {name}: {path}")
+  """Prepares the datasets; workdir may be None when input.data_dir and
+  input.manual_dir are set (launch.py checks)."""
+  if workdir is not None:
+    workdir_lib.resolve_data_dirs(config, workdir)
+  input_pipeline.prepare(config.input)  # one line per dataset
 
 
 def cache(config, workdir):

@@ -35,9 +35,10 @@ def shared_data(workdir):
 
 
 def launch(workdir, *args, config="configs/demo.py", timeout=900):
+  """launch.py in a subprocess; workdir None: no --workdir flag."""
+  where = [] if workdir is None else ["--workdir", str(workdir)]
   return subprocess.run(
-      [sys.executable, "launch.py", "--config", config, "--workdir",
-       str(workdir), *args],
+      [sys.executable, "launch.py", "--config", config, *where, *args],
       cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False)
 
 
@@ -188,3 +189,40 @@ def test_config_faults_are_refused_before_compute(tmp_path, flag, match):
   assert out.returncode != 0
   assert match in out.stderr
   assert not (tmp_path / "checkpoints").exists()
+
+
+def test_own_data_a_subset_of_sources_without_mtg(tmp_path):
+  """README "Your own data": prepare (no workdir) one of the two sources of
+  a dataset without MTG, train 5 steps, evaluate."""
+  manual, data = tmp_path / "hf", tmp_path / "tfds"
+  synthetic.generate(str(manual), 24, 32, 0, ("Flux", "SDXL"))
+  own = ["--config.model.variant=pico/8", "--config.model.res=32",
+         "--config.input.batch_size=8", "--config.eval.batch_size=8",
+         f"--config.input.manual_dir={manual}",
+         f"--config.input.data_dir={data}", "--config.input.sources=('SDXL',)"]
+  config = "configs/own_data.py"
+  out = launch(None, "--mode=prepare", *own, config=config, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stdout.splitlines() == [
+      f"prepared nearid: {data}/nearid/SDXL/1.0.0 (built)"]
+  steps = ["--config.total_steps=5", "--config.eval_every=5",
+           "--config.log_every=5", "--config.ckpt_every=5"]
+  out = launch(tmp_path / "run", "--mode=train", *own, *steps, config=config)
+  assert out.returncode == 0, out.stderr[-3000:]
+  rows = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
+  assert rows[-1]["step"] == 5 and "eval/nearid/ssr" in rows[-1], rows
+  out = launch(tmp_path / "run", "--mode=eval", *own, config=config)
+  assert out.returncode == 0, out.stderr[-3000:]
+  report = json.load(open(tmp_path / "run" / "eval" / "report.json"))
+  assert "nearid" in json.dumps(report) and "mtg" not in json.dumps(report)
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--mode=train"], "--mode train needs --workdir"),
+    (["--mode=prepare", "--config.input.data_dir="],
+     "--mode prepare without --workdir needs --config.input.data_dir"),
+])
+def test_workdir_is_required_except_to_prepare(args, match):
+  out = launch(None, *args, config="configs/own_data.py", timeout=300)
+  assert out.returncode != 0
+  assert match in out.stderr

@@ -1,6 +1,7 @@
 """TFDS builders: HF on-disk NearID/MTG -> ArrayRecord, without TensorFlow."""
 import json
 import os
+import re
 import shutil
 import sys
 
@@ -130,10 +131,10 @@ def test_seeded_split_without_split_files(built, tmp_path):
 
 def test_a_subset_of_prepared_sources_is_found(built):
   _, cfg, prepared = built
-  builder = tfds_builders.load_nearid(cfg.data_dir, ("Qwen",))
+  builder = tfds_builders.load_nearid(cfg, ("Qwen",))
   assert os.fspath(builder.data_dir) == prepared["nearid"]
   with pytest.raises(input_pipeline.DataError, match="'SDXL'"):
-    tfds_builders.load_nearid(cfg.data_dir, ("Qwen", "SDXL"))
+    tfds_builders.load_nearid(cfg, ("Qwen", "SDXL"))
 
 
 # --- bad input ---------------------------------------------------------------
@@ -226,3 +227,221 @@ def test_missing_mtg_is_named_when_required(built, tmp_path):
   with pytest.raises(input_pipeline.DataError, match="MTG: .*mtg-dataset"):
     input_pipeline.prepare(_config(tmp_path / "hf", tmp_path / "tfds",
                                    mtg_repeat=4))
+
+
+# --- a user's data, written by the `datasets` library ------------------------
+
+LAYOUTS = ("save_to_disk", "parquet")
+
+
+def _datasets_write(path, cols, layout):
+  """Columns as synthetic.nearid_rows gives them, written by `datasets` in
+  one of the hub's layouts."""
+  datasets = pytest.importorskip("datasets")
+  features, data = {}, {}
+  for name, (kind, values) in cols.items():
+    if kind == "image":
+      features[name] = datasets.Image()
+      values = [None if v is None else {"bytes": v, "path": None}
+                for v in values]
+    else:
+      features[name] = datasets.Value(kind)
+    data[name] = values
+  ds = datasets.Dataset.from_dict(data, features=datasets.Features(features))
+  if layout == "parquet":
+    ds.to_parquet(os.path.join(path, "data", "train-00000-of-00001.parquet"))
+  else:
+    datasets.DatasetDict({"train": ds}).save_to_disk(str(path))
+
+
+def _user_data(root, layout, pos=None, neg=None, rename=None):
+  """A manual dir of positives, SOURCES and split files; rename maps
+  (dataset folder, column) -> the user's column name."""
+  if pos is None:
+    pos, neg = _rows()
+  for folder, cols in [("NearID", pos)] + [(f"NearID-{s}", neg[s])
+                                           for s in SOURCES]:
+    cols = {(rename or {}).get((folder, c), c): v for c, v in cols.items()}
+    shutil.rmtree(root / folder, ignore_errors=True)
+    _datasets_write(root / folder, cols, layout)
+  os.makedirs(root / "splits", exist_ok=True)
+  for name, rows in splits_lib.seeded(12, 0).items():
+    (root / "splits" / f"{name}.json").write_text(json.dumps(rows))
+  return root
+
+
+def _img_columns(pos):
+  """The positives' views as the dataset card names them (img1..3)."""
+  return {(f"img{c[6:]}" if c.startswith("images") else c): v
+          for c, v in pos.items()}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("folder,column,renamed,role", [
+    ("NearID", "img3", "image3", "positives"),
+    ("NearID-Qwen", "nimg2", "nimage2", "distractor source 'Qwen'"),
+])
+def test_renamed_column_stops_before_anything_is_written(
+    tmp_path, layout, folder, column, renamed, role):
+  pos, neg = _rows()
+  manual = _user_data(tmp_path / "hf", layout, _img_columns(pos), neg,
+                      rename={(folder, column): renamed})
+  with pytest.raises(input_pipeline.DataError) as e:
+    input_pipeline.prepare(_config(manual, tmp_path / "tfds"))
+  msg = str(e.value)
+  assert msg.startswith(f"{role} {manual / folder}: missing column(s) "
+                        f"['{column}']; columns found: ["), msg
+  assert f"'{renamed}'" in msg
+  assert not os.path.exists(tmp_path / "tfds")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_user_column_names_build_the_same_records(built, tmp_path, layout):
+  """img1..3 (the dataset card's names), written by `datasets`: the same
+  records as images1..3."""
+  _, _, prepared = built
+  pos, neg = _rows()
+  manual = _user_data(tmp_path / "hf", layout, _img_columns(pos), neg)
+  out = input_pipeline.prepare(_config(manual, tmp_path / "tfds"))
+  for split in ("train", "val", "test"):
+    assert _records(out["nearid"], split) == _records(prepared["nearid"],
+                                                      split)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_bad_image_at_prepare_names_file_split_row_and_user_column(tmp_path,
+                                                                  layout):
+  pos, neg = _rows()
+  pos = _img_columns(pos)
+  pos["img2"][1][7] = b"not an image"
+  manual = _user_data(tmp_path / "hf", layout, pos, neg)
+  with pytest.raises(input_pipeline.DataError,
+                     match=rf"^{re.escape(str(manual / 'NearID'))} split "
+                     rf"'{_split_of(7)}' row 7 field 'img2': not a readable "
+                     "image"):
+    input_pipeline.prepare(_config(manual, tmp_path / "tfds"))
+
+
+def test_distractor_absent_where_the_view_exists_is_counted(tmp_path):
+  pos, neg = _rows()
+  r = next(i for i, n in enumerate(pos["n_images"][1]) if n == 3)
+  neg["Flux"]["nimg3"][1][r] = None
+  manual = _write(tmp_path / "hf", pos, neg)
+  lines = []
+  out = input_pipeline.prepare(_config(manual, tmp_path / "tfds"),
+                               log=lines.append)
+  assert lines == [f"prepared nearid: {out['nearid']} (built; distractors "
+                   "absent where the view exists: Flux 1)"]
+  meta = tfds.builder_from_directory(out["nearid"]).info.metadata
+  assert meta["absent_distractors"][_split_of(r)] == {"Flux": 1, "Qwen": 0}
+  rec = next(x for x in _records(out["nearid"], _split_of(r))
+             if x["index"] == r)
+  assert rec["distractors"]["Flux"][2] == b""
+  assert rec["distractors"]["Qwen"][2] == neg["Qwen"]["nimg3"][1][r]
+
+
+def _renamed_mtg(manual):
+  cols = synthetic.mtg_rows(5, 32, 1)
+  cols["image_2_edited"] = cols.pop("image_2_inpainted")
+  synthetic.write_mtg(str(manual), cols)
+
+
+@pytest.mark.parametrize("fault,match", [
+    ("mtg_column", r"MTG split 'train' .*mtg-dataset: missing column\(s\) "
+                   r"\['image_2_inpainted'\]; columns found: .*image_2_edited"),
+    ("mtg_missing", "MTG: .*mtg-dataset not found"),
+    ("split_file", r"val.json: row 40 out of range"),
+])
+def test_every_input_is_checked_before_any_build(built, tmp_path, fault,
+                                                 match):
+  manual, _, _ = built
+  shutil.copytree(manual, tmp_path / "hf",
+                  ignore=shutil.ignore_patterns("mtg-dataset"))
+  if fault == "mtg_column":
+    _renamed_mtg(tmp_path / "hf")
+  elif fault == "split_file":
+    (tmp_path / "hf" / "splits" / "val.json").write_text("[40]")
+  with pytest.raises(ValueError, match=match):
+    input_pipeline.prepare(_config(tmp_path / "hf", tmp_path / "tfds",
+                                   mtg_repeat=4))
+  assert not os.path.exists(tmp_path / "tfds" / "nearid")
+
+
+def test_eval_sources_follow_sources_unless_set():
+  cfg = input_pipeline.default_config()
+  cfg.sources = ("Flux",)
+  assert cfg.eval_sources == ("Flux",)
+  cfg.eval_sources = ("Qwen",)
+  assert cfg.sources == ("Flux",) and cfg.eval_sources == ("Qwen",)
+
+
+def test_a_subset_of_sources_without_mtg_prepares(tmp_path):
+  pos, neg = _rows()
+  synthetic.write_nearid(str(tmp_path / "hf"), pos, {"Qwen": neg["Qwen"]},
+                         splits_lib.seeded(12, 0))
+  cfg = input_pipeline.default_config()  # all sources, MTG repeated 4x
+  cfg.manual_dir, cfg.data_dir = str(tmp_path / "hf"), str(tmp_path / "tfds")
+  cfg.sources, cfg.mtg_repeat = ("Qwen",), 0
+  out = input_pipeline.prepare(cfg)
+  assert sorted(out) == ["nearid"]
+  assert tfds_builders.load_nearid(cfg, ("Qwen",)).info.metadata[
+      "sources"] == ["Qwen"]
+
+
+# --- builds that know their inputs -------------------------------------------
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_changed_input_stops_until_rebuilt(tmp_path, layout):
+  pos, neg = _rows()
+  manual = _user_data(tmp_path / "hf", layout, pos, neg)
+  cfg = _config(manual, tmp_path / "tfds")
+  lines = []
+  out = input_pipeline.prepare(cfg, log=lines.append)
+  assert lines == [f"prepared nearid: {out['nearid']} (built)"]
+  input_pipeline.prepare(cfg, log=lines.append)
+  assert lines[1] == (f"prepared nearid: {out['nearid']} (reused: its inputs "
+                      "are unchanged)")
+  # The user fixes a distractor: another image in its row 3.
+  r, new = 3, neg["Qwen"]["nimg1"][1][4]
+  neg["Qwen"]["nimg1"][1][r] = new
+  _user_data(manual, layout, pos, neg)
+  for stale in (lambda: input_pipeline.prepare(cfg),
+                lambda: next(input_pipeline.train_iterator(cfg, 0, 1)),
+                lambda: next(iter(input_pipeline.eval_batches(cfg, "test")))):
+    with pytest.raises(input_pipeline.StaleBuild,
+                       match=rf"{out['nearid']} was built from other inputs "
+                       r".*NearID-Qwen/.* changed .*"
+                       r"--config.input.rebuild=True"):
+      stale()
+  cfg.rebuild = True
+  input_pipeline.prepare(cfg, log=lines.append)
+  assert lines[2] == f"prepared nearid: {out['nearid']} (rebuilt)"
+  rec = next(x for x in _records(out["nearid"], _split_of(r))
+             if x["index"] == r)
+  assert rec["distractors"]["Qwen"][0] == new
+  cfg.rebuild = False
+  next(input_pipeline.train_iterator(cfg, 0, 1))  # current again
+
+
+def test_changed_split_file_is_named(built, tmp_path):
+  manual, _, _ = built
+  shutil.copytree(manual, tmp_path / "hf")
+  cfg = _config(tmp_path / "hf", tmp_path / "tfds")
+  input_pipeline.prepare(cfg)
+  val = tmp_path / "hf" / "splits" / "val.json"
+  val.write_text(json.dumps(json.loads(val.read_text())[:-1]))
+  with pytest.raises(input_pipeline.StaleBuild,
+                     match=r"splits/val.json changed \(\d+ -> \d+ bytes\)"):
+    input_pipeline.prepare(cfg)
+
+
+def test_without_split_files_the_split_seed_is_an_input(built, tmp_path):
+  manual, _, _ = built
+  shutil.copytree(manual, tmp_path / "hf",
+                  ignore=shutil.ignore_patterns("splits"))
+  input_pipeline.prepare(_config(tmp_path / "hf", tmp_path / "tfds"))
+  with pytest.raises(input_pipeline.StaleBuild,
+                     match="input.split_seed was 0, now 3"):
+    input_pipeline.prepare(_config(tmp_path / "hf", tmp_path / "tfds",
+                                   split_seed=3))

@@ -309,8 +309,37 @@ def test_corrupt_image_stops_with_its_place(corrupt):
   with pytest.raises(input_pipeline.CorruptImage,
                      match=r"(NearID-(Flux|Qwen) split 'train' row "
                      rf"{TRAIN[0]} field 'nimg2'|NearID split 'train' row "
-                     rf"{TRAIN[1]} field 'images1'): corrupt image"):
+                     rf"{TRAIN[1]} field 'images1') \(record \d+ of "
+                     r"\S+/nearid-train.array_record-00000-of-00001, id "
+                     r"\d+\): corrupt image"):
     next(input_pipeline.train_iterator(corrupt, 0, 1))
+
+
+def test_corrupt_image_names_the_users_column_shard_record_and_id(tmp_path):
+  """Positives with the dataset card's img1..3: a view that does not decode
+  is named by its column, its ArrayRecord shard and record, and its row id,
+  in training and in evaluation."""
+  pos, neg = synthetic.nearid_rows(N, 32, 0, SOURCES)
+  pos = {(f"img{c[6:]}" if c.startswith("images") else c): v
+         for c, v in pos.items()}
+  test = splits_lib.seeded(N, 0)["test"]
+  for r in (TRAIN[2], test[0]):
+    pos["img2"][1][r] = _truncated(pos["img2"][1][r])
+  synthetic.write_nearid(str(tmp_path / "hf"), pos, neg,
+                         splits_lib.seeded(N, 0))
+  cfg = _config(tmp_path / "hf", tmp_path / "tfds", batch_size=9)
+  shard = str(input_pipeline.prepare(cfg)["nearid"]) + "/nearid-{}.array_record"
+  for split, r, read in (
+      ("train", TRAIN[2], lambda: next(input_pipeline.train_iterator(cfg, 0,
+                                                                     1))),
+      ("test", test[0], lambda: list(input_pipeline.eval_batches(cfg,
+                                                                 "test")))):
+    with pytest.raises(input_pipeline.CorruptImage,
+                       match=rf"^NearID split '{split}' row {r} field 'img2' "
+                       rf"\(record {splits_lib.seeded(N, 0)[split].index(r)} "
+                       rf"of {re.escape(shard.format(split))}-00000-of-00001, "
+                       rf"id {pos['id'][1][r]}\): corrupt image"):
+      read()
 
 
 def test_corrupt_image_skipped_masks_and_counts(corrupt):

@@ -42,8 +42,7 @@ def _data(config, workdir):
                        tuple(inp.eval_sources), mtg=config.demo.mtg_rows)
     _log(f"generated {config.demo.identities} identities, "
          f"{config.demo.mtg_rows} MTG rows: {inp.manual_dir}")
-  for name, path in input_pipeline.prepare(inp).items():
-    _log(f"prepared {name}: {path}")
+  input_pipeline.prepare(inp, log=_log)
 
 
 def pretrained_tower(config, workdir):

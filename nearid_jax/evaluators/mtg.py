@@ -38,7 +38,7 @@ def mtg(model, heads, cfg_input, mesh=None, batch_size=None, split=MTG_SPLIT,
 def mtg_prepared(cfg_input):
   """Whether MTG has been prepared under cfg_input.data_dir."""
   try:
-    tfds_builders.load_mtg(cfg_input.data_dir)
+    tfds_builders.load_mtg(cfg_input)
   except tfds_builders.DataError:
     return False
   return True

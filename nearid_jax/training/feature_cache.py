@@ -204,14 +204,14 @@ class _DecodeRow:
 
 
 def _sources(cfg):
-  nearid = tfds_builders.load_nearid(cfg.data_dir, cfg.sources)
+  nearid = tfds_builders.load_nearid(cfg, cfg.sources)
   if cfg.split not in nearid.info.splits:
     raise ValueError(f"input.split={cfg.split!r}: NearID has splits "
                      f"{list(nearid.info.splits)}")
   nearid = tfds_builders.data_source(nearid, cfg.split)
   mtg = None
   if cfg.mtg_repeat > 0:
-    mtg = tfds_builders.data_source(tfds_builders.load_mtg(cfg.data_dir),
+    mtg = tfds_builders.data_source(tfds_builders.load_mtg(cfg),
                                     "train")
   return nearid, mtg
 
