@@ -329,6 +329,20 @@ def test_corrupt_image_stops_with_its_place_unless_skipped(data):
                                        model=model), 4)
 
 
+def test_corrupt_image_at_write_names_its_shard_and_record(data, tmp_path):
+  config, _, _, model, _ = data
+  strict = _config(config.input.data_dir, config.input.manual_dir,
+                   **{"input.skip_corrupt": False})
+  # Named as the image pipeline names it: the dataset, split, row, the
+  # user's column, and the prepared record that holds it.
+  with pytest.raises(input_pipeline.CorruptImage,
+                     match=r"(NearID-Qwen split 'train' row \d+ field 'nimg2'"
+                     r"|NearID split 'train' row \d+ field 'images1') "
+                     r"\(record \d+ of \S+array_record\S*, id \S+\): "
+                     r"corrupt image"):
+    feature_cache.write(strict, str(tmp_path / "cache"), model=model)
+
+
 def test_reader_state_round_trips(data, tmp_path):
   ocp = pytest.importorskip("orbax.checkpoint")
   config, _, cache_dir, model, _ = data

@@ -168,15 +168,18 @@ def _barrier(name):
 class _DecodeRow:
   """(dataset, position) -> (row index, [uint8 image | EMPTY | CORRUPT]).
 
-  The slots in record order; picklable for grain workers.
+  The slots in record order; picklable for grain workers. A corrupt image
+  is named as the image pipeline names it (groups.Place, this object in the
+  role of its GroupMaker: split, the user's columns, locate).
   """
 
-  def __init__(self, nearid, mtg, sources, decoder, split):
+  def __init__(self, nearid, mtg, sources, decoder, split, columns):
     self.nearid, self.mtg, self.sources = nearid, mtg, sources
-    self.decoder, self.split = decoder, split
+    self.decoder, self.split, self.columns = decoder, split, columns
 
-  def _where(self, dataset, row, field):  # as groups.GroupMaker words it
-    return f"{dataset} split {self.split!r} row {row} field {field!r}"
+  def locate(self, dataset, position):
+    source = self.nearid if dataset == groups.NEARID else self.mtg
+    return source.locate(int(position))
 
   def __call__(self, item):
     dataset, position = item
@@ -195,25 +198,27 @@ class _DecodeRow:
       slots += [(b, "MTG", f"image_{k + 1}_inpainted")
                 for k, b in enumerate(record["edits"])]
     out = []
-    for data, dset, field in slots:
+    for data, name, field in slots:
       skipped = []
-      image = self.decoder(data, self._where(dset, row, field), skipped)
+      where = groups.Place(self, dataset, name, row, field, position)
+      image = self.decoder(data, where, skipped)
       out.append(image if image is not None else
                  CORRUPT if skipped else EMPTY)
     return row, out
 
 
 def _sources(cfg):
-  nearid = tfds_builders.load_nearid(cfg, cfg.sources)
-  if cfg.split not in nearid.info.splits:
+  """-> (NearID split, MTG train or None, {views field: the user's column})."""
+  builder = tfds_builders.load_nearid(cfg, cfg.sources)
+  if cfg.split not in builder.info.splits:
     raise ValueError(f"input.split={cfg.split!r}: NearID has splits "
-                     f"{list(nearid.info.splits)}")
-  nearid = tfds_builders.data_source(nearid, cfg.split)
+                     f"{list(builder.info.splits)}")
+  nearid = tfds_builders.data_source(builder, cfg.split)
   mtg = None
   if cfg.mtg_repeat > 0:
     mtg = tfds_builders.data_source(tfds_builders.load_mtg(cfg),
                                     "train")
-  return nearid, mtg
+  return nearid, mtg, tfds_builders.view_columns(builder)
 
 
 def _share(n, p, count):
@@ -280,13 +285,13 @@ def write(config, out_dir, *, model=None, mesh=None, batch_size=None,
   _barrier("cleared")
 
   # --- this process's rows, decoded by grain threads (or workers)
-  nearid, mtg = _sources(cfg)
+  nearid, mtg, columns = _sources(cfg)
   items = [(groups.NEARID, i) for i in range(len(nearid))]
   items += [(groups.MTG, i) for i in range(len(mtg) if mtg else 0)]
   lo, hi = _share(len(items), p, count)
   mine = np.array(items[lo:hi], np.int64).reshape(-1, 2)
   decode = _DecodeRow(nearid, mtg, tuple(cfg.sources), groups.Decoder(
-      cfg.res, cfg.resize, cfg.skip_corrupt), cfg.split)
+      cfg.res, cfg.resize, cfg.skip_corrupt), cfg.split, columns)
   rows = grain.MapDataset.source(mine).map(decode).to_iter_dataset(
       grain_pipeline.read_options(cfg))
   rows = grain_pipeline.in_workers(rows, cfg)
