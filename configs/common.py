@@ -37,6 +37,11 @@ def training_config():
   c.model.scan = True
   c.model.remat = False
   c.model.resize = "pil"
+  # A Hugging Face or NearID directory as model.init: its
+  # preprocessor_config.json sets model.resize (and input.resize, which
+  # follows it), so training preprocesses as the checkpoint was made to.
+  # False: model.resize as given.
+  c.model.resize_from_checkpoint = True
   # Attention kernels: "auto" = XLA:CPU's layouts on the CPU, the plain math
   # on accelerators; "plain" or "cpu" force one (nearid_jax/cpu/attention.py).
   c.model.kernels = "auto"

@@ -50,6 +50,26 @@ def join_params(params, scan):
   return {k: np.asarray(v, np.float32) for k, v in flat.items()}
 
 
+def checkpoint_resize(config, init=None):
+  """The resize method of the model built from `init` (default model.init):
+  a Hugging Face or NearID directory's preprocessor_config.json when
+  model.resize_from_checkpoint, else model.resize."""
+  m = config.model
+  path = os.fspath(init or m.init)
+  if (m.get("resize_from_checkpoint", True) and path and os.path.isdir(path)
+      and not workdir_lib.is_workdir(path)):
+    return formats.resize_method(path)
+  return m.resize
+
+
+def resolve_resize(config, init=None):
+  """config.model.resize <- checkpoint_resize: the input pipeline
+  (input.resize follows model.resize) and the feature cache's fingerprint
+  then resize images as the model does."""
+  config.model.resize = checkpoint_resize(config, init)
+  return config.model.resize
+
+
 def random_tower(arch, seed=0):
   """Canonical flat float32 dict of a freshly initialised tower + MAP head."""
   k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
@@ -155,7 +175,8 @@ class NearID:
     path = os.fspath(init or m.init)
     if path and workdir_lib.is_workdir(path):
       return cls._from_workdir(path)
-    kw = dict(dtype=m.dtype, scan=m.scan, remat=m.remat, resize=m.resize,
+    kw = dict(dtype=m.dtype, scan=m.scan, remat=m.remat,
+              resize=checkpoint_resize(config, init),
               kernels=m.get("kernels", "auto"))
     if path:
       model = cls.load(path, image_size=m.res or None,

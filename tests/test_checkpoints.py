@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
+from configs.common import training_config
 from conftest import pil_images
 from conftest import random_images
 from conftest import transformers_embed
@@ -16,6 +17,7 @@ from nearid_jax import NearID
 from nearid_jax.demo import export_check
 from nearid_jax.formats import common
 from nearid_jax.formats import hf
+from nearid_jax.training import train
 
 
 @pytest.fixture(scope="module")
@@ -333,6 +335,27 @@ def test_directory_preprocessing_equals_transformers(siglip_dir):
   if resample != 2:  # the check can tell bilinear from the directory's filter
     bilinear = NearID.load(siglip_dir, resize="pil").embed(images)
     assert np.abs(bilinear - want).max() > 1e-3
+
+
+def test_training_takes_the_directory_preprocessing(siglip_dir):
+  """model.init a directory: its preprocessor config sets model.resize, and
+  input.resize with it (the pipeline and the feature cache's fingerprint),
+  unless model.resize_from_checkpoint is off."""
+  resample = json.load(open(os.path.join(siglip_dir,
+                                         "preprocessor_config.json")))["resample"]
+  want = {2: "pil", 3: "pil-bicubic"}[resample]
+  config = training_config()
+  config.model.init, config.model.res = siglip_dir, 56  # 60 drops pixels
+  train.check_config(config)
+  assert config.model.resize == config.input.resize == want
+  assert NearID.from_config(config).resize == want
+
+  config = training_config()
+  config.model.init, config.model.res = siglip_dir, 56  # 60 drops pixels
+  config.model.resize, config.model.resize_from_checkpoint = "tf", False
+  train.check_config(config)
+  assert config.input.resize == "tf"
+  assert NearID.from_config(config).resize == "tf"
 
 
 def test_export_keeps_the_preprocessing(siglip_dir, tmp_path):

@@ -7,6 +7,7 @@ import os
 import sys
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
@@ -443,6 +444,15 @@ def test_missing_source_is_named(data, model, heads):
     nearid_eval.nearid(model, heads, data, SPLIT, ("Flux", "SDXL"), one_device())
   with pytest.raises(ValueError, match="no distractor source"):
     nearid_eval.nearid(model, heads, data, SPLIT, (), one_device())
+
+
+def test_images_resized_otherwise_than_the_model_are_refused(data, model,
+                                                              heads):
+  cfg = ml_collections.ConfigDict(data.to_dict())
+  cfg.resize = "pil-bicubic"
+  with pytest.raises(ValueError, match="input.resize='pil-bicubic' but the "
+                     "model resizes with 'pil'"):
+    embed.embed_split(model, heads, cfg, SPLIT)
 
 
 def test_head_of_another_width(data, model, heads, towers, tmp_path):

@@ -208,6 +208,10 @@ def embed_split(model, heads, cfg, split, sources=None, mesh=None,
     raise ValueError(f"input.res={cfg.res} but the model runs at "
                      f"{model.arch.image_size} px; set input.res (and "
                      "model.res) to the model's resolution")
+  if cfg.resize != model.resize:
+    raise ValueError(f"input.resize={cfg.resize!r} but the model resizes "
+                     f"with {model.resize!r}; set model.resize (input.resize "
+                     "follows it) to the model's")
   if dataset == "nearid":
     sources = tuple(cfg.eval_sources if sources is None else sources)
     if not sources:

@@ -22,6 +22,7 @@ from nearid_jax.evaluators import mtg as mtg_lib
 from nearid_jax.evaluators import nearid as nearid_lib
 from nearid_jax.evaluators import report
 from nearid_jax.model import NearID
+from nearid_jax.model import resolve_resize
 
 
 def scalars(scores, prefix):
@@ -136,6 +137,7 @@ def run(config, path, out_dir, baseline=None, split=None):
     the report dict (report.json's content).
   """
   path = os.fspath(path)
+  resolve_resize(config, path)  # the images are read as the model reads them
   mesh = sharding.make_mesh(config.mesh)
   model = NearID.from_config(config, init=path)
   head, source = _baseline(config, path, model, baseline)

@@ -8,9 +8,11 @@ from nearid_jax.formats.common import CheckpointError
 EXPORT_FORMATS = ("nearid", "hf-siglip", "big_vision")
 
 
-def resize_method(path, arch):
+def resize_method(path, arch=None):
   """The preprocessing a checkpoint asks for: a Hugging Face or NearID
-  release directory's preprocessor_config.json, else SPEC.md's default."""
+  release directory's preprocessor_config.json, else SPEC.md's default.
+  arch: the checkpoint's, to check the config's size against (None: not
+  checked here; loading the checkpoint checks it)."""
   path = os.fspath(path)
   if os.path.exists(os.path.join(path, "config.json")):
     return hf.resize_method(path, arch)

@@ -243,7 +243,7 @@ def _preprocessor_config(arch, resize):
   }
 
 
-def resize_method(directory, arch):
+def resize_method(directory, arch=None):
   """The resize method of the directory's preprocessor_config.json ("pil"
   without one); refuses a config that our preprocessing cannot reproduce."""
   path = os.path.join(directory, "preprocessor_config.json")
@@ -264,7 +264,8 @@ def resize_method(directory, arch):
   size = cfg.get("size", {"height": 224, "width": 224})
   if not isinstance(size, dict) or set(size) != {"height", "width"}:
     refuse("size", "only {height, width} (a squash-resize) is supported")
-  if size["height"] != arch.image_size or size["width"] != arch.image_size:
+  if arch is not None and (size["height"] != arch.image_size
+                           or size["width"] != arch.image_size):
     refuse("size", f"the model's config has image_size {arch.image_size}")
   # Rescale then normalise must be SigLIP's x / 127.5 - 1 on every channel.
   factor = cfg.get("rescale_factor", 1 / 255) if cfg.get("do_rescale",

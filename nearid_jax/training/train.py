@@ -23,6 +23,7 @@ from nearid_jax import sharding
 from nearid_jax import vit
 from nearid_jax.evaluators import evaluate as evaluate_lib
 from nearid_jax.model import NearID
+from nearid_jax.model import resolve_resize
 from nearid_jax.model import tower_tokens
 from nearid_jax.training import feature_cache
 from nearid_jax.training import preemption
@@ -45,7 +46,8 @@ NONFINITE_POLICIES = ("stop", "skip")
 
 
 def check_config(config):
-  """Everything that can be refused before any compute."""
+  """Everything that can be refused before any compute; model.resize from
+  the checkpoint's preprocessing (model.resolve_resize)."""
   if config.loss.name not in losses.LOSSES:
     raise ValueError(f"loss.name={config.loss.name!r}: one of "
                      f"{sorted(losses.LOSSES)}")
@@ -58,6 +60,7 @@ def check_config(config):
   if not config.model.init:  # a checkpoint's arch is checked as it loads
     vit.Arch.from_variant(config.model.variant,
                           config.model.res).check_tiles("model.res")
+  resolve_resize(config)
   mesh = sharding.make_mesh(config.mesh)
   sharding.check_batch(mesh, config.input.batch_size)
   return mesh
