@@ -110,7 +110,7 @@ def heads(towers):
 
 
 def mesh_4x2():
-  return sharding.make_mesh([("data", 4), ("model", 2)], jax.devices())
+  return sharding.make_mesh([("data", 4), ("fsdp", 2)], jax.devices())
 
 
 def one_device():
@@ -330,7 +330,7 @@ def tiny_config(data, **kw):
                                        "eval_sources", "mtg_repeat")})
   c.input.batch_size = 8
   c.eval.split, c.eval.batch_size = SPLIT, 4
-  c.mesh = [("data", 4), ("model", 2)]
+  c.mesh = [("data", 4), ("fsdp", 2)]
   c.total_steps, c.warmup_steps, c.lr = 2, 1, 1e-2
   c.log_every, c.ckpt_every, c.eval_every = 1, 2, 2
   c.update(kw)
