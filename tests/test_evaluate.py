@@ -291,8 +291,9 @@ def test_kept_tokens_give_the_embeddings_without_the_images(
   first = embed.embed_split(model, {"baseline": heads["baseline"]}, *args,
                                tokens=kept["nearid"])
   first_mtg = mtg_eval.mtg(model, heads, data, mesh, tokens=kept["mtg"])
-  # The tokens of every slot (4 data shards' rows), in the tower's dtype.
-  n = 4 * 3 * (1 + len(SOURCES)) * model.arch.num_patches * model.arch.width
+  # The tokens of every slot, in the tower's dtype: batches of 8 rows (4
+  # asked, rounded up to the 8-way data x fsdp split).
+  n = 8 * 3 * (1 + len(SOURCES)) * model.arch.num_patches * model.arch.width
   assert kept["nearid"].nbytes() == len(kept["nearid"].batches) * n * 4
 
   def no_images(*a, **k):
