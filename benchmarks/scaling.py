@@ -2,12 +2,12 @@
 
 Run from the repository root, e.g.
 
-  XLA_FLAGS=--xla_force_host_platform_device_count=8 \
-      .venv/bin/python -m benchmarks.scaling [--variant So400m/14 --res 384 \
+  .venv/bin/python -m benchmarks.scaling [--variant So400m/14 --res 384 \
       --batch 16]
 
 Compiles `train.setup`'s step (random tower, scanned) for each mesh of
-MESHES on 8 simulated CPU devices and prints, from the compiled HLO, every
+MESHES on 8 simulated CPU devices (the XLA flag is added unless XLA_FLAGS
+already sets a device count) and prints, from the compiled HLO, every
 kind of collective with its count and bytes per device per step, split into
 those inside the scanned layer (run once per layer) and those outside it.
 
@@ -23,14 +23,22 @@ of a tuple's), i.e. what lands on each device.
 import argparse
 import collections
 import math
+import os
 import re
 
-import jax
-import numpy as np
+# Before JAX starts its backend: 8 simulated devices, unless the caller's
+# XLA_FLAGS chose a count (tests/conftest.py does).
+_DEVICES_FLAG = "--xla_force_host_platform_device_count"
+_flags = os.environ.get("XLA_FLAGS", "")
+if _DEVICES_FLAG not in _flags:
+  os.environ["XLA_FLAGS"] = f"{_flags} {_DEVICES_FLAG}=8".strip()
 
-from configs.common import training_config
-from nearid_jax import sharding
-from nearid_jax.training import train
+import jax  # pylint: disable=g-import-not-at-top
+import numpy as np  # pylint: disable=g-import-not-at-top
+
+from configs.common import training_config  # pylint: disable=g-import-not-at-top
+from nearid_jax import sharding  # pylint: disable=g-import-not-at-top
+from nearid_jax.training import train  # pylint: disable=g-import-not-at-top
 
 MESHES = ((("data", 8),), (("data", 2), ("fsdp", 4)))
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all",
