@@ -33,12 +33,14 @@ _flags = os.environ.get("XLA_FLAGS", "")
 if _DEVICES_FLAG not in _flags:
   os.environ["XLA_FLAGS"] = f"{_flags} {_DEVICES_FLAG}=8".strip()
 
-import jax  # pylint: disable=g-import-not-at-top
-import numpy as np  # pylint: disable=g-import-not-at-top
+# pylint: disable=g-import-not-at-top
+import jax
+import numpy as np
 
-from configs.common import training_config  # pylint: disable=g-import-not-at-top
-from nearid_jax import sharding  # pylint: disable=g-import-not-at-top
-from nearid_jax.training import train  # pylint: disable=g-import-not-at-top
+from configs.common import training_config
+from nearid_jax import sharding
+from nearid_jax.training import train
+# pylint: enable=g-import-not-at-top
 
 MESHES = ((("data", 8),), (("data", 2), ("fsdp", 4)))
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all",

@@ -113,8 +113,10 @@ def fsdp_tower(tower, mesh):
   if mesh is None or mesh.shape.get(FSDP, 1) == 1:
     return tower
   whole = replicated(mesh)
-  gather = lambda params: jax.tree.map(  # pylint: disable=unnecessary-lambda-assignment
-      lambda w: jax.lax.with_sharding_constraint(w, whole), params)
+
+  def gather(params):
+    return jax.tree.map(
+        lambda w: jax.lax.with_sharding_constraint(w, whole), params)
   return tower.clone(layer_params=gather)
 
 

@@ -97,9 +97,10 @@ class Embedder:
   The tower's params are placed once (weight_shardings over the mesh's
   "fsdp" axis, a no-op when training already placed them so), the heads
   replicated; each call's images are this process's share of a global batch,
-  split over the batch axes (sharding.batch_axes). Compiled once per (tower, image shape, head structure),
-  shared by every Embedder of an equal tower on the same mesh. `tokens` and
-  `pool` are the two halves of a call, for tokens kept between calls.
+  split over the batch axes (sharding.batch_axes). Compiled once per (tower,
+  image shape, head structure), shared by every Embedder of an equal tower
+  on the same mesh. `tokens` and `pool` are the two halves of a call, for
+  tokens kept between calls.
   """
 
   def __init__(self, model, heads, mesh):
