@@ -1,9 +1,10 @@
 """Training the MAP head with the two-tier loss: state, step, and the loop.
 
 Read top to bottom: config checks, model, state, sharded step, data,
-checkpoint/resume, loop. The frozen tower is sharded (optionally over a
-weight axis), the head and its optimizer state are replicated, the batch is
-split over "data"; the loss sees the global batch.
+checkpoint/resume, loop. The frozen tower is replicated, or split over an
+"fsdp" axis and gathered per layer (sharding.py); the head and its optimizer
+state are replicated; the batch is split over every batch axis; the loss
+sees the global batch.
 """
 import os
 import time
