@@ -208,7 +208,8 @@ def _threads(n):
 
 def cached_batch(model, frozen, batch, mesh):
   """`batch` as the feature cache serves it: the tower's tokens, in bf16."""
-  tokens = jax.jit(train.group_tokens, static_argnums=0)(model, frozen, batch)
+  tokens = jax.jit(train.group_tokens, static_argnums=0)(
+      model.tower, frozen, batch)
   tokens = np.asarray(jax.device_get(tokens).astype(jnp.bfloat16))
   host = {"tokens": tokens.reshape(batch["view_mask"].shape[:1] + (SLOTS,)
                                    + tokens.shape[1:]),

@@ -12,8 +12,8 @@ def training_config():
   c.wd = 1e-4
   c.warmup_steps = 100
   c.grad_clip_norm = 1.0
-  # (axis, size), -1 = the remaining devices. Add ("model", n) to shard the
-  # frozen tower's weights n ways.
+  # (axis, size), -1 = the remaining devices. Add ("fsdp", n) to shard the
+  # frozen tower's weights n ways (FSDP: the batch is split over both axes).
   c.mesh = (("data", -1),)
   c.log_every = 10
   c.eval_every = 100            # 0 = no evaluation during training

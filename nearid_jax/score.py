@@ -158,7 +158,7 @@ def embed_files(model, paths, batch_size=64, show=None, skip_bad=False):
   skip_bad it stops after the first batch with an unreadable image.
   """
   mesh = sharding.make_mesh(((sharding.DATA, -1),), jax.local_devices())
-  n_dev = mesh.shape[sharding.DATA]
+  n_dev = sharding.batch_shards(mesh)
   # One compiled shape: every batch padded to the same size, which the
   # devices split evenly.
   batch_size = -(-min(batch_size, max(len(paths), 1)) // n_dev) * n_dev

@@ -1,8 +1,11 @@
 """One device mesh from the config, and the shardings of params and batches.
 
 `config.mesh` lists (axis name, size) pairs; one size may be -1 ("the rest").
-The batch is split over "data"; the frozen tower's weights may be split over
-"model" (or "fsdp"), the trainable head is small and replicated.
+Two axes, both splitting the batch: "data" (required) and "fsdp" (optional).
+Over "fsdp" the frozen tower's weights are also split, and each layer's
+weights are all-gathered where that layer runs (FSDP): the batch stays split
+over every device, so no activation is ever reduced across devices. The
+trainable head is small and replicated.
 """
 import math
 
@@ -13,7 +16,12 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 DATA = "data"
-WEIGHT_AXES = ("model", "fsdp")
+FSDP = "fsdp"
+AXES = (DATA, FSDP)
+# The name of the scanned layer stack (vit.Transformer): its leaves carry a
+# leading depth axis, which is never split (each step of the scan reads one
+# layer, so a split there would gather the whole stack at once).
+SCANNED = "encoderblock"
 
 
 def mesh_shape(spec, n_devices):
@@ -23,10 +31,10 @@ def mesh_shape(spec, n_devices):
   if len(set(names)) != len(names) or DATA not in names:
     raise ValueError(f"config.mesh={spec}: needs distinct axis names and a "
                      f"{DATA!r} axis")
-  unknown = [n for n in names if n != DATA and n not in WEIGHT_AXES]
+  unknown = [n for n in names if n not in AXES]
   if unknown:
-    raise ValueError(f"config.mesh={spec}: unknown axes {unknown}; use "
-                     f"{DATA!r} and optionally one of {WEIGHT_AXES}")
+    raise ValueError(f"config.mesh={spec}: unknown axes {unknown}; the axes "
+                     f"are {DATA!r} and optionally {FSDP!r}")
   free = [n for n, s in spec if s == -1]
   fixed = math.prod(s for _, s in spec if s != -1)
   if len(free) > 1 or any(s == 0 or s < -1 for _, s in spec):
@@ -45,19 +53,34 @@ def make_mesh(spec, devices=None):
   return Mesh(grid, tuple(shape))
 
 
+def batch_axes(mesh):
+  """The mesh axes the batch is split over, in mesh order."""
+  return tuple(a for a in mesh.axis_names if a in AXES)
+
+
+def batch_shards(mesh):
+  """How many ways the batch is split: every batch must divide by this."""
+  return math.prod(mesh.shape[a] for a in batch_axes(mesh))
+
+
+def batch_spec(mesh):
+  return P(batch_axes(mesh))
+
+
 def check_batch(mesh, global_batch):
-  """Refuses, before any compute, a batch the data axis cannot split."""
-  n_data = mesh.shape[DATA]
-  if global_batch % n_data:
+  """Refuses, before any compute, a batch the batch axes cannot split."""
+  n = batch_shards(mesh)
+  if global_batch % n:
     raise ValueError(f"input.batch_size={global_batch} is not divisible by "
-                     f"the {n_data}-way {DATA!r} mesh axis")
+                     f"the {n}-way batch split (mesh axes "
+                     f"{batch_axes(mesh)})")
   if global_batch % jax.process_count():
     raise ValueError(f"input.batch_size={global_batch} is not divisible by "
                      f"the {jax.process_count()} processes")
 
 
 def batch_sharding(mesh):
-  return NamedSharding(mesh, P(DATA))
+  return NamedSharding(mesh, batch_spec(mesh))
 
 
 def replicated(mesh):
@@ -65,25 +88,41 @@ def replicated(mesh):
 
 
 def weight_shardings(mesh, params):
-  """Frozen weights: each leaf split on its largest axis the weight axis divides."""
-  axis = next((a for a in WEIGHT_AXES if a in mesh.shape), None)
-  size = mesh.shape[axis] if axis else 1
+  """Frozen weights: each leaf split over "fsdp" on its largest axis that
+  "fsdp" divides (never a scanned stack's depth axis); replicated without
+  an "fsdp" axis."""
+  size = mesh.shape.get(FSDP, 1)
 
-  def spec(x):
-    if size == 1:
-      return replicated(mesh)
-    dims = sorted(range(x.ndim), key=lambda d: -x.shape[d])
-    d = next((d for d in dims if x.shape[d] % size == 0), None)
-    if d is None:
+  def spec(path, x):
+    scanned = any(getattr(k, "key", None) == SCANNED for k in path)
+    dims = [d for d in range(int(scanned), x.ndim)
+            if x.shape[d] % size == 0]
+    if size == 1 or not dims:
       return replicated(mesh)
     parts = [None] * x.ndim
-    parts[d] = axis
+    parts[max(dims, key=lambda d: x.shape[d])] = FSDP
     return NamedSharding(mesh, P(*parts))
-  return jax.tree.map(spec, params)
+  return jax.tree_util.tree_map_with_path(spec, params)
+
+
+def fsdp_tower(tower, mesh):
+  """The tower as it runs on `mesh`: with an "fsdp" axis, each block's
+  weights (split by weight_shardings) are all-gathered where the block runs,
+  so the batch stays split over every device and no activation is reduced
+  across devices. Without one (or mesh None), the tower unchanged."""
+  if mesh is None or mesh.shape.get(FSDP, 1) == 1:
+    return tower
+  whole = replicated(mesh)
+
+  def gather(params):
+    return jax.tree.map(
+        lambda w: jax.lax.with_sharding_constraint(w, whole), params)
+  return tower.clone(layer_params=gather)
 
 
 def global_batch(local, mesh):
-  """This process's share of the batch -> global arrays sharded over data."""
+  """This process's share of the batch -> global arrays split over the
+  batch axes."""
   sharding = batch_sharding(mesh)
   if jax.process_count() == 1:
     # The local batch is the global one: one transfer for the whole tree,

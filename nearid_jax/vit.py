@@ -163,12 +163,18 @@ class Transformer(nn.Module):
   remat: bool = False
   dtype: Any = jnp.float32
   kernels: Kernels = Kernels()
+  # params -> params, applied to one block's weights where that block runs
+  # (inside the scan when scanned): sharding.fsdp_tower gathers them there.
+  layer_params: Callable | None = None
 
   @nn.compact
   def __call__(self, x):
     block_cls = Encoder1DBlock
     if self.remat:
       block_cls = nn.remat(block_cls, prevent_cse=not self.scan)
+    if self.layer_params is not None:
+      block_cls = nn.map_variables(block_cls, "params",
+                                   trans_in_fn=self.layer_params)
     if self.scan:
       # One compiled block with a leading depth axis on its params: big models
       # compile in seconds instead of minutes.
@@ -191,6 +197,7 @@ class VisionTower(nn.Module):
   remat: bool = False
   dtype: Any = jnp.float32
   kernels: Kernels = Kernels()
+  layer_params: Callable | None = None  # as Transformer's
 
   @nn.compact
   def __call__(self, images):
@@ -205,7 +212,8 @@ class VisionTower(nn.Module):
                      (1, h * w, d), jnp.float32)
     x = x + pos
     return Transformer(a.depth, a.mlp_dim, a.num_heads, self.scan, self.remat,
-                       self.dtype, self.kernels, name="Transformer")(x)
+                       self.dtype, self.kernels, self.layer_params,
+                       name="Transformer")(x)
 
 
 class _DenseParams(nn.Module):

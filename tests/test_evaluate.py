@@ -111,7 +111,7 @@ def heads(towers):
 
 
 def mesh_4x2():
-  return sharding.make_mesh([("data", 4), ("model", 2)], jax.devices())
+  return sharding.make_mesh([("data", 4), ("fsdp", 2)], jax.devices())
 
 
 def one_device():
@@ -292,8 +292,9 @@ def test_kept_tokens_give_the_embeddings_without_the_images(
   first = embed.embed_split(model, {"baseline": heads["baseline"]}, *args,
                                tokens=kept["nearid"])
   first_mtg = mtg_eval.mtg(model, heads, data, mesh, tokens=kept["mtg"])
-  # The tokens of every slot (4 data shards' rows), in the tower's dtype.
-  n = 4 * 3 * (1 + len(SOURCES)) * model.arch.num_patches * model.arch.width
+  # The tokens of every slot, in the tower's dtype: batches of 8 rows (4
+  # asked, rounded up to the 8-way data x fsdp split).
+  n = 8 * 3 * (1 + len(SOURCES)) * model.arch.num_patches * model.arch.width
   assert kept["nearid"].nbytes() == len(kept["nearid"].batches) * n * 4
 
   def no_images(*a, **k):
@@ -331,7 +332,7 @@ def tiny_config(data, **kw):
                                        "eval_sources", "mtg_repeat")})
   c.input.batch_size = 8
   c.eval.split, c.eval.batch_size = SPLIT, 4
-  c.mesh = [("data", 4), ("model", 2)]
+  c.mesh = [("data", 4), ("fsdp", 2)]
   c.total_steps, c.warmup_steps, c.lr = 2, 1, 1e-2
   c.log_every, c.ckpt_every, c.eval_every = 1, 2, 2
   c.update(kw)

@@ -32,17 +32,37 @@ def run_steps(config, mesh_spec, devices, n=3):
   return jax.device_get(state.params), jax.device_get(metrics)
 
 
+def scan_config(scan):
+  c = tiny_config()
+  c.model.scan = scan
+  return c
+
+
 @pytest.fixture(scope="module")
-def single_device_run():
-  return run_steps(tiny_config(), [("data", 1)], jax.devices()[:1])
+def single_device_runs():
+  """scan -> the 1-device run, made on first use."""
+  runs = {}
+
+  def run(scan):
+    if scan not in runs:
+      runs[scan] = run_steps(scan_config(scan), [("data", 1)],
+                             jax.devices()[:1])
+    return runs[scan]
+  return run
 
 
-@pytest.mark.parametrize("mesh_spec", [[("data", 8), ("model", 1)],
-                                       [("data", 4), ("model", 2)]])
-def test_sharded_step_equals_single_device(single_device_run, mesh_spec):
+# FSDP both ways: each block's weights gathered in the unrolled tower, and
+# once per step of the scan in the scanned one (tests/test_sharding.py reads
+# the scanned step's collectives).
+@pytest.mark.parametrize("mesh_spec,scan", [
+    ([("data", 8), ("fsdp", 1)], False),
+    ([("data", 4), ("fsdp", 2)], False),
+    ([("data", 2), ("fsdp", 4)], True)])
+def test_sharded_step_equals_single_device(single_device_runs, mesh_spec,
+                                           scan):
   assert len(jax.devices()) == 8
-  want, want_metrics = single_device_run
-  got, metrics = run_steps(tiny_config(), mesh_spec, jax.devices())
+  want, want_metrics = single_device_runs(scan)
+  got, metrics = run_steps(scan_config(scan), mesh_spec, jax.devices())
   # The attention key bias has an exactly zero gradient (softmax over keys
   # ignores a constant per query), so Adam scales reduction-order noise up to
   # lr-sized steps there: it agrees only to ~lr * 0.1. Every other leaf 1e-5.
@@ -117,9 +137,12 @@ def test_resume_gives_the_uninterrupted_result(uninterrupted, tmp_path,
 
 @pytest.mark.parametrize("mesh,batch,match", [
     ([("data", 3)], 9, r"config.mesh=\[\('data', 3\)\] does not divide the 8"),
-    ([("data", -1), ("model", 3)], 8, "does not divide the 8 devices"),
-    ([("data", 4), ("model", 2)], 6, "input.batch_size=6 is not divisible by "
-     "the 4-way 'data'"),
+    ([("data", -1), ("fsdp", 3)], 8, "does not divide the 8 devices"),
+    # 12 splits over 'data' alone; the batch is split over both axes
+    ([("data", 2), ("fsdp", 4)], 12, r"input.batch_size=12 is not divisible "
+     r"by the 8-way batch split \(mesh axes \('data', 'fsdp'\)\)"),
+    ([("data", 4), ("model", 2)], 8, r"unknown axes \['model'\]; the axes "
+     "are 'data' and optionally 'fsdp'"),
     ([("batch", -1)], 8, "needs distinct axis names and a 'data' axis"),
 ])
 def test_bad_mesh_or_batch_refused_before_compute(mesh, batch, match):

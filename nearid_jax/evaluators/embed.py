@@ -71,15 +71,17 @@ def _pool(arch, kernels, mesh, heads, tokens):
 # The jitted functions of one tower on one mesh (compiled per input shape).
 @functools.lru_cache
 def _embed_fn(tower, mesh):
+  placed = sharding.fsdp_tower(tower, mesh)
   return jax.jit(
       lambda p, heads, images: _pool(tower.arch, tower.kernels, mesh, heads,
-                                     tower_tokens(tower, p, images)),
+                                     tower_tokens(placed, p, images)),
       compiler_options=xla_flags.tower_options(tower.arch))
 
 
 @functools.lru_cache
 def _tower_fn(tower, mesh):
-  return jax.jit(functools.partial(tower_tokens, tower),
+  return jax.jit(functools.partial(tower_tokens,
+                                   sharding.fsdp_tower(tower, mesh)),
                  out_shardings=sharding.batch_sharding(mesh),
                  compiler_options=xla_flags.tower_options(tower.arch))
 
@@ -93,11 +95,12 @@ class Embedder:
   """Embeds uint8 image batches with several heads on one tower pass.
 
   The tower's params are placed once (weight_shardings over the mesh's
-  weight axis, a no-op when training already placed them so), the heads
+  "fsdp" axis, a no-op when training already placed them so), the heads
   replicated; each call's images are this process's share of a global batch,
-  split over "data". Compiled once per (tower, image shape, head structure),
-  shared by every Embedder of an equal tower on the same mesh. `tokens` and
-  `pool` are the two halves of a call, for tokens kept between calls.
+  split over the batch axes (sharding.batch_axes). Compiled once per (tower,
+  image shape, head structure), shared by every Embedder of an equal tower
+  on the same mesh. `tokens` and `pool` are the two halves of a call, for
+  tokens kept between calls.
   """
 
   def __init__(self, model, heads, mesh):
@@ -123,7 +126,7 @@ class Embedder:
     images = sharding.global_batch(np.asarray(images), self.mesh)
     tokens = _tower_fn(self.model.tower, self.mesh)(self.tower_params, images)
     return np.asarray(multihost_utils.global_array_to_host_local_array(
-        tokens, self.mesh, P(sharding.DATA)))
+        tokens, self.mesh, sharding.batch_spec(self.mesh)))
 
   def pool(self, tokens):
     """`tokens`' output -> {head: (B, ..., D)}, as a call on the images."""
@@ -173,8 +176,8 @@ def _gather(local):
 
 
 def _eval_batch_size(batch_size, mesh):
-  """Rounded up to what the data axis and the processes can split."""
-  unit = np.lcm(mesh.shape[sharding.DATA], jax.process_count())
+  """Rounded up to what the batch axes and the processes can split."""
+  unit = np.lcm(sharding.batch_shards(mesh), jax.process_count())
   return int(-(-batch_size // unit) * unit)
 
 
@@ -193,7 +196,7 @@ def embed_split(model, heads, cfg, split, sources=None, mesh=None,
     sources: distractor sources (default cfg.eval_sources); ignored for MTG.
     mesh: a Mesh with a "data" axis (default: every device on "data").
     batch_size: global rows per batch (default cfg.batch_size), rounded up to
-      a multiple of the data axis and of the process count.
+      a multiple of the batch axes' split and of the process count.
     dataset: "nearid" or "mtg".
     tokens: a SplitTokens: filled with the split's tower tokens by the first
       call, then the images are neither read nor run through the tower

@@ -60,7 +60,6 @@ import grain
 import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
 import ml_dtypes
 import numpy as np
 
@@ -240,8 +239,8 @@ def write(config, out_dir, *, model=None, mesh=None, batch_size=None,
   every `input.sources` source, and each MTG train row's views and edits
   when input.mtg_repeat > 0 (once, whatever the repeat). Every process calls
   this (multi-host): process p decodes and writes its contiguous share of
-  the rows; each forward is one jit over the mesh, images split over
-  "data", the tower placed as training places it.
+  the rows; each forward is one jit over the mesh, images split over the
+  batch axes, the tower placed as training places it.
 
   Args:
     config: a training config (model.*, input.*, mesh).
@@ -260,11 +259,12 @@ def write(config, out_dir, *, model=None, mesh=None, batch_size=None,
   mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
   p, count = jax.process_index(), jax.process_count()
   batch_size = batch_size or cfg.batch_size * 6
-  n_data = mesh.shape[sharding.DATA]
-  if batch_size % n_data or batch_size % count:
+  n_split = sharding.batch_shards(mesh)
+  if batch_size % n_split or batch_size % count:
     raise ValueError(f"feature cache batch_size={batch_size} is not divisible"
-                     f" by the {n_data}-way {sharding.DATA!r} mesh axis and "
-                     f"the {count} processes")
+                     f" by the {n_split}-way batch split (mesh axes "
+                     f"{sharding.batch_axes(mesh)}) and the {count} "
+                     "processes")
   local = batch_size // count
 
   wanted = fingerprint(config, model)
@@ -308,15 +308,16 @@ def write(config, out_dir, *, model=None, mesh=None, batch_size=None,
   batch_spec = sharding.batch_sharding(mesh)
   tower_spec = sharding.weight_shardings(mesh, model.params["img"])
   frozen = jax.device_put(model.params["img"], tower_spec)
+  tower = sharding.fsdp_tower(model.tower, mesh)
 
   def forward(frozen, images, more):
-    tokens = tower_tokens(model.tower, frozen, images)
+    tokens = tower_tokens(tower, frozen, images)
     return tokens.astype(jnp.bfloat16), jnp.any(more)
 
   forward = jax.jit(forward, in_shardings=(tower_spec, batch_spec, batch_spec),
                     out_shardings=(batch_spec, sharding.replicated(mesh)),
                     compiler_options=model.compiler_options)
-  spec = P(sharding.DATA)
+  spec = sharding.batch_spec(mesh)
   to_global = lambda x: multihost_utils.host_local_array_to_global_array(
       x, mesh, spec)
 

@@ -1,9 +1,10 @@
 """Training the MAP head with the two-tier loss: state, step, and the loop.
 
 Read top to bottom: config checks, model, state, sharded step, data,
-checkpoint/resume, loop. The frozen tower is sharded (optionally over a
-weight axis), the head and its optimizer state are replicated, the batch is
-split over "data"; the loss sees the global batch.
+checkpoint/resume, loop. The frozen tower is replicated, or split over an
+"fsdp" axis and gathered per layer (sharding.py); the head and its optimizer
+state are replicated; the batch is split over every batch axis; the loss
+sees the global batch.
 """
 import os
 import time
@@ -77,7 +78,7 @@ def create_train_state(config, head_params):
   return state, tx
 
 
-def group_tokens(model, frozen, batch):
+def group_tokens(tower, frozen, batch):
   """The frozen tower's tokens for every slot of a batch: (B * 6, N, D).
 
   One tower forward for all 3 views + 3 distractors; a batch read from the
@@ -87,17 +88,18 @@ def group_tokens(model, frozen, batch):
     t = batch["tokens"]  # (B, 6, N, D), bfloat16 on disk
     return t.reshape((-1,) + t.shape[2:]).astype(jnp.float32)
   images = jnp.concatenate([batch["views"], batch["distractors"]], axis=1)
-  return tower_tokens(model.tower, frozen,
-                      images.reshape((-1,) + images.shape[2:]))
+  return tower_tokens(tower, frozen, images.reshape((-1,) + images.shape[2:]))
 
 
-def make_train_step(model, tx, config):
+def make_train_step(model, tx, config, mesh=None):
+  """The step function; `mesh` places the tower as sharding.fsdp_tower."""
+  tower = sharding.fsdp_tower(model.tower, mesh)
   loss_fn = losses.LOSSES[config.loss.name]
   hparams = {k: v for k, v in config.loss.items() if k != "name"}
   lr = optim.schedule(config)
 
   def step(frozen, state, batch):
-    tokens = group_tokens(model, frozen, batch)
+    tokens = group_tokens(tower, frozen, batch)
     b = batch["view_mask"].shape[0]
 
     def objective(head):
@@ -148,8 +150,8 @@ def setup(config, mesh):
   frozen = jax.device_put(model.params["img"],
                           sharding.weight_shardings(mesh, model.params["img"]))
   state = jax.device_put(state, sharding.replicated(mesh))
-  step = jit_train_step(make_train_step(model, tx, config), mesh, frozen,
-                        model)
+  step = jit_train_step(make_train_step(model, tx, config, mesh), mesh,
+                        frozen, model)
   return model, frozen, state, step
 
 
