@@ -92,3 +92,17 @@ def transformers_embed(directory, images):
   with torch.no_grad():
     out = model(pixel_values=pix).pooler_output
   return torch.nn.functional.normalize(out, dim=-1).numpy()
+
+
+# The DreamBench++ rating files live in shared/, beside the repository, not
+# in it: their tests skip in a clone without one.
+DREAMBENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__))), "..", "shared", "data", "dreambench")
+
+
+@pytest.fixture(name="dreambench")
+def fixture_dreambench():
+  if not os.path.isdir(DREAMBENCH):
+    pytest.skip(f"DreamBench++ ratings not found at {DREAMBENCH} (the shared/ "
+                "folder beside the repository)")
+  return DREAMBENCH

@@ -10,8 +10,6 @@ import pytest
 from input_pipeline import oracle
 from nearid_jax import metrics
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DREAMBENCH = os.path.join(REPO, "..", "shared", "data", "dreambench")
 
 
 def cos(a, b):
@@ -184,14 +182,6 @@ def synthetic_human(tmp_path, rng, methods=("m_a", "m_b")):
     for m, ratings in per_method.items():
       write_json(str(tmp_path / "human" / g / f"{m}-cp.json"), ratings)
   return human, keys
-
-
-@pytest.fixture(name="dreambench")
-def fixture_dreambench():
-  if not os.path.isdir(DREAMBENCH):
-    pytest.skip(f"DreamBench++ ratings not found at {DREAMBENCH} (the shared/ "
-                "folder beside the repository)")
-  return DREAMBENCH
 
 
 @pytest.mark.parametrize("scorer,published", [

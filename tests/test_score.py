@@ -16,7 +16,6 @@ from nearid_jax import metrics
 from nearid_jax import score
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DREAMBENCH = os.path.join(REPO, "..", "shared", "data", "dreambench")
 
 
 def write_images(folder, seed=0, names=None):
@@ -146,14 +145,6 @@ def test_csv_without_image_columns(siglip_dir, tmp_path):
   path = write_csv(tmp_path / "p.csv", ["ref", "gen"], [("x", "y")])
   with pytest.raises(ValueError, match=r"p.csv: no column \['a', 'b'\]"):
     score.run(siglip_dir, str(tmp_path / "o.csv"), pairs=path)
-
-
-@pytest.fixture(name="dreambench")
-def fixture_dreambench():
-  if not os.path.isdir(DREAMBENCH):
-    pytest.skip(f"DreamBench++ ratings not found at {DREAMBENCH} (the shared/ "
-                "folder beside the repository)")
-  return DREAMBENCH
 
 
 def test_dreambench_scores_and_mh(siglip_dir, dreambench, tmp_path):
