@@ -549,9 +549,11 @@ def test_two_processes_keep_their_rows_tokens(data, model, heads, tmp_path):
   # Each process keeps its own rows' tokens: half of a one-process run's.
   kept = [int(o.split("kept ")[1].split(" bytes")[0]) for o in outs]
   assert "process 1/2: 4 devices" in outs[1] and kept[0] == kept[1] > 0
+  # One process with the workers' batches: 4 ways split (their 4 devices).
   one = embed.SplitTokens()
-  want = embed.embed_split(model, heads, data, SPLIT, SOURCES, mesh_4x2(),
-                              tokens=one)
+  want = embed.embed_split(model, heads, data, SPLIT, SOURCES,
+                           sharding.make_mesh([("data", 4)], jax.devices()[:4]),
+                           tokens=one)
   assert sum(kept) == one.nbytes()
   got = np.load(out)
   for which in ("first", "again"):
