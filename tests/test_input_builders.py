@@ -391,6 +391,8 @@ def test_a_subset_of_sources_without_mtg_prepares(tmp_path):
 # --- builds that know their inputs -------------------------------------------
 
 
+# Slow: prepares each layout twice, read by the training and eval pipelines.
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_changed_input_stops_until_rebuilt(tmp_path, layout):
   pos, neg = _rows()

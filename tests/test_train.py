@@ -54,6 +54,8 @@ def single_device_runs():
 # FSDP both ways: each block's weights gathered in the unrolled tower, and
 # once per step of the scan in the scanned one (tests/test_sharding.py reads
 # the scanned step's collectives).
+# Slow: trains on three meshes and one device (make test runs it).
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh_spec,scan", [
     ([("data", 8), ("fsdp", 1)], False),
     ([("data", 4), ("fsdp", 2)], False),
