@@ -32,7 +32,6 @@ embed_rows, split_rows and scoring_rows give benchmarks.suite its rows.
 import argparse
 import os
 import tempfile
-import time
 
 import jax
 import numpy as np

@@ -82,7 +82,7 @@ def test_folders_pair_by_relative_path(siglip_dir, tmp_path):
   names = ["x.jpg", "sub/y.jpg", "sub/z.png", "w.jpg", "v.png", "u.png",
            "t.png"]
   a = write_images(str(tmp_path / "A"), 0, names)
-  b = write_images(str(tmp_path / "B"), 1, names)
+  write_images(str(tmp_path / "B"), 1, names)
   os.remove(a[1])  # sub/y.jpg only in B
   Image.new("RGB", (9, 9)).save(tmp_path / "A" / "only_a.png")
   lines = []
