@@ -52,12 +52,14 @@ def join_params(params, scan):
 
 def checkpoint_resize(config, init=None):
   """The resize method of the model built from `init` (default model.init):
-  a Hugging Face or NearID directory's preprocessor_config.json when
-  model.resize_from_checkpoint, else model.resize."""
+  a training workdir's own (its config's), a Hugging Face or NearID
+  directory's preprocessor_config.json when model.resize_from_checkpoint,
+  else model.resize."""
   m = config.model
   path = os.fspath(init or m.init)
-  if (m.get("resize_from_checkpoint", True) and path and os.path.isdir(path)
-      and not workdir_lib.is_workdir(path)):
+  if path and workdir_lib.is_workdir(path):
+    return workdir_lib.read_config(path).model.resize
+  if m.get("resize_from_checkpoint", True) and path and os.path.isdir(path):
     return formats.resize_method(path)
   return m.resize
 
