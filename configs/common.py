@@ -42,8 +42,9 @@ def training_config():
   # follows it), so training preprocesses as the checkpoint was made to.
   # False: model.resize as given.
   c.model.resize_from_checkpoint = True
-  # Attention kernels: "auto" = XLA:CPU's layouts on the CPU, the plain math
-  # on accelerators; "plain" or "cpu" force one (nearid_jax/cpu/attention.py).
+  # Attention kernels: "auto" = XLA:CPU's layouts on the CPU, cuDNN's flash
+  # attention on a GPU, the plain math on TPUs; "plain", "cpu" or "gpu" force
+  # one (nearid_jax/kernels.py).
   c.model.kernels = "auto"
 
   c.input = input_pipeline.default_config()  # fields documented there

@@ -13,9 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from input_pipeline import preprocess
+from nearid_jax import kernels as kernels_lib
 from nearid_jax import vit
 from nearid_jax import workdir as workdir_lib
-from nearid_jax.cpu import attention as cpu_attention
 from nearid_jax.cpu import xla_flags
 from nearid_jax.formats import bigvision
 from nearid_jax.formats import common
@@ -119,8 +119,9 @@ class NearID:
     self.scan = default_scan(arch, scan)
     self.resize = resize
     self.batch_size = batch_size
-    # The CPU's attention layouts on the CPU, the plain math elsewhere.
-    self.kernels = cpu_attention.kernels(kernels)
+    # The backend's attention forms (kernels.py): XLA:CPU's layouts on the
+    # CPU, cuDNN's flash attention on a GPU, the plain math elsewhere.
+    self.kernels = kernels_lib.kernels(kernels)
     self.compiler_options = xla_flags.tower_options(arch)
     self.tower = vit.VisionTower(arch, scan=self.scan, remat=remat,
                                  dtype=DTYPES[dtype], kernels=self.kernels)

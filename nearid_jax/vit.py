@@ -3,7 +3,7 @@
 Parameter trees match big_vision's `models/vit.py` under `params/img`, so a
 released SigLIP2 `.npz` maps onto these modules without renaming. The two
 attention computations are plain functions here (Kernels); a backend may
-swap in its own forms of the same math (nearid_jax/cpu/attention.py).
+swap in its own forms of the same math (nearid_jax/kernels.py picks them).
 """
 import dataclasses
 import math

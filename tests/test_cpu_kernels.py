@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from nearid_jax import kernels as kernels_lib
 from nearid_jax import model as model_lib
 from nearid_jax import vit
 from nearid_jax.cpu import attention as cpu_attention
@@ -48,7 +49,7 @@ def test_folded_map_head_equals_flax_attention_pooling(kernels, width, heads,
                                                        tokens):
   x = jnp.asarray(np.random.default_rng(0).standard_normal(
       (5, tokens, width), np.float32))
-  ours = vit.MAPHead(4 * width, heads, cpu_attention.kernels(kernels))
+  ours = vit.MAPHead(4 * width, heads, kernels_lib.kernels(kernels))
   ref = _ReferenceMAPHead(4 * width, heads)
   key = jax.random.PRNGKey(7)
   # Every call jitted: op by op, the float64 gradients take half a minute.
@@ -146,26 +147,19 @@ def test_cpu_kernels_equal_plain_in_float64():
       np.testing.assert_allclose(a, b, atol=1e-12 * np.abs(b).max())
 
 
-def test_kernels_switch():
-  assert cpu_attention.kernels("plain") == vit.Kernels()
-  assert cpu_attention.kernels("cpu") == cpu_attention.CPU_KERNELS
-  want = ("cpu" if jax.default_backend() == "cpu" else "plain")
-  assert cpu_attention.kernels("auto") == cpu_attention.kernels(want)
-  with pytest.raises(ValueError, match="kernels 'gpu'"):
-    cpu_attention.kernels("gpu")
-
-
 def test_model_and_config_pick_the_kernels():
   arch = vit.Arch.from_variant("mu/8@16")
   params = model_lib.split_params(model_lib.random_tower(arch), arch, False)
   images = np.random.default_rng(0).integers(0, 256, (3, 16, 16, 3), np.uint8)
   out = {}
-  for k in ("plain", "cpu"):
+  for k in ("plain", "cpu", "gpu"):
     m = model_lib.NearID(arch, params, kernels=k)
-    assert m.tower.kernels == m.head.kernels == cpu_attention.kernels(k)
+    assert m.tower.kernels == m.head.kernels == kernels_lib.kernels(k)
     out[k] = m.embed(images)
-  # float32 rounding of unit vectors: the two forms sum in other orders.
+  # float32 rounding of unit vectors: the forms sum in other orders (the
+  # "gpu" one runs XLA's jax.nn.dot_product_attention off a GPU).
   np.testing.assert_allclose(out["cpu"], out["plain"], atol=1e-5)
+  np.testing.assert_allclose(out["gpu"], out["plain"], atol=1e-5)
 
 
 def test_cpu_attention_takes_our_exp():

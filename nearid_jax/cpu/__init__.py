@@ -4,6 +4,6 @@
                              points (launch.py, benchmarks, tests) call it
                              before JAX starts its backend
   xla_flags.tower_options()  per-jit compiler options for a tower
-  attention.kernels()        vit.Kernels for the backend: the CPU's layouts
-                             and exp on the CPU, the plain math elsewhere
+  attention.CPU_KERNELS      vit.Kernels in the CPU's layouts and exp
+                             (nearid_jax/kernels.py picks them on the CPU)
 """

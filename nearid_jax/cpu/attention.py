@@ -1,5 +1,5 @@
 """The tower's attention and the MAP head's pooling in the forms XLA:CPU runs
-fastest, and the one switch that picks them (`kernels`).
+fastest (CPU_KERNELS; nearid_jax/kernels.py picks them on the CPU).
 
 Each function computes what its plain twin in vit.py computes (tests/
 test_cpu_kernels.py checks forward and gradients in float64); only the
@@ -13,9 +13,6 @@ import jax.numpy as jnp
 
 from nearid_jax import vit
 from nearid_jax.cpu import fast_exp
-
-KERNELS = ("auto", "plain", "cpu")
-
 
 def attention(query, key, value, dtype=None, **unused):
   """nn.dot_product_attention (no mask) with keys-major logits (B, H, Nk, Nq).
@@ -66,12 +63,3 @@ attention_pool.defvjp(_attention_pool_fwd, _attention_pool_bwd)
 
 CPU_KERNELS = vit.Kernels(attention=attention, pool=attention_pool)
 
-
-def kernels(choice="auto"):
-  """-> vit.Kernels: "cpu" (this module's), "plain" (vit's), or "auto":
-  this module's when JAX's default backend is the CPU."""
-  if choice not in KERNELS:
-    raise ValueError(f"kernels {choice!r}: one of {KERNELS}")
-  if choice == "auto":
-    choice = "cpu" if jax.default_backend() == "cpu" else "plain"
-  return CPU_KERNELS if choice == "cpu" else vit.Kernels()

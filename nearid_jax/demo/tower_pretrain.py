@@ -41,10 +41,10 @@ import optax
 
 from input_pipeline import preprocess
 from input_pipeline import synthetic
+from nearid_jax import kernels as kernels_lib
 from nearid_jax import losses
 from nearid_jax import optim
 from nearid_jax import vit
-from nearid_jax.cpu import attention as cpu_attention
 from nearid_jax.cpu import xla_flags
 from nearid_jax.formats import bigvision
 from nearid_jax.formats import common
@@ -141,7 +141,7 @@ def pretrain(arch, pool, cfg, seed, log=print, kernels="auto"):
   if cfg.batch_size > len(pool):
     raise ValueError(f"demo.pretrain.batch_size={cfg.batch_size} groups: the "
                      f"pool has only {len(pool)} (demo.pretrain.groups)")
-  k = cpu_attention.kernels(kernels)
+  k = kernels_lib.kernels(kernels)
   tower = vit.VisionTower(arch, kernels=k)
   head = vit.NearIDHead(arch, kernels=k)
   params = init_params(arch, seed, bool(cfg.object_weight))
