@@ -13,7 +13,10 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import torch
+try:  # the PyTorch references; benchmarks.accelerator runs without it
+  import torch
+except ImportError:
+  torch = None
 
 from nearid_jax.cpu import xla_flags
 
@@ -21,9 +24,21 @@ from nearid_jax.cpu import xla_flags
 # settings (read when JAX starts its backend, after this import).
 xla_flags.add_defaults()
 
+# XLA's optimisation passes off: the many small compiles of a smoke run
+# (--quick) run several times faster.
+QUICK_XLA_FLAGS = ("--xla_backend_optimization_level=0",
+                   "--xla_llvm_disable_expensive_passes=true")
+
 # Big enough for both libraries to reach their matmul peak (a smoke run,
 # benchmarks.suite --quick, lowers it: its peak means nothing).
 MATMUL_N = 2048
+
+
+def quick_compiles():
+  """Adds QUICK_XLA_FLAGS to XLA_FLAGS (read when JAX starts its backend:
+  call it before the first computation)."""
+  os.environ["XLA_FLAGS"] = " ".join(
+      [os.environ.get("XLA_FLAGS", ""), *QUICK_XLA_FLAGS]).strip()
 
 
 def time_calls(fns, *, warmup=2, repeats=5, settle=0, settle_s=0.0):
@@ -131,6 +146,51 @@ def peak_flops(times, kind="wall_s", n=MATMUL_N):
   return out
 
 
+def forward_flops(arch, batch, heads=1):
+  """Analytic FLOPs of one forward pass (tower + MAP heads) on `batch` images.
+
+  A multiply-add counts 2 FLOPs; only matmul-like work is counted (LayerNorm,
+  softmax, GELU, biases and residual adds are a few percent and left out).
+  With N = patches, D = width, M = MLP width, p = patch size, per image:
+
+    patch embedding (a stride-p conv = a matmul): 2 * N * (3 p^2) * D
+    each of the `depth` blocks:
+      q, k, v and out projections:  4 * 2 * N * D^2
+      scores q k^T (all heads):     2 * N^2 * D
+      weighted sum of values:       2 * N^2 * D
+      MLP (D -> M -> D):            2 * 2 * N * D * M
+    each MAP head (one probe query attending over the N tokens; `heads` of
+    them read the same tower tokens in evaluation):
+      q and out projections of the probe:  2 * 2 * D^2
+      k and v projections of the tokens:   2 * 2 * N * D^2
+      scores and weighted sum:             2 * 2 * N * D
+      MLP on the probe:                    2 * 2 * D * M
+
+  This is the model's textbook count, the same for every implementation:
+  our MAP head folds the k and v projections into the probe (vit.
+  ProbeAttention), 4 N D H FLOPs (H heads) in place of their 4 N D^2, which
+  are under 1% of So400m/14@384's count and 6% of the demo tower's.
+  """
+  n, d, m, p = arch.num_patches, arch.width, arch.mlp_dim, arch.patch_size
+  embed = 2 * n * 3 * p * p * d
+  block = 8 * n * d * d + 4 * n * n * d + 4 * n * d * m
+  head = 4 * d * d + 4 * n * d * d + 4 * n * d + 4 * d * m
+  return batch * (embed + arch.depth * block + heads * head)
+
+
+def random_batch(groups, res, seed=0):
+  """uint8 batch shaped like the pipeline's (see tests/fake_data.py)."""
+  rng = np.random.default_rng(seed)
+  view_mask = np.ones((groups, 3), bool)
+  view_mask[rng.random(groups) < 0.3, 2] = False
+  return {
+      "views": rng.integers(0, 256, (groups, 3, res, res, 3), np.uint8),
+      "view_mask": view_mask,
+      "distractors": rng.integers(0, 256, (groups, 3, res, res, 3), np.uint8),
+      "distractor_mask": view_mask & (rng.random((groups, 3)) < 0.8),
+  }
+
+
 def add_timing_flags(parser, what):
   """--warmup, --repeats, --no-compile, --json: the PyTorch comparisons'."""
   parser.add_argument("--warmup", type=int, default=2,
@@ -175,10 +235,11 @@ def thread_notes():
       # XLA:CPU runs ops on a pool with one thread per usable core unless
       # XLA_FLAGS says otherwise.
       "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
-      "torch": torch.__version__,
-      "torch_threads": torch.get_num_threads(),
-      "torch_interop_threads": torch.get_num_interop_threads(),
       "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", ""),
+      **({"torch": None} if torch is None else {
+          "torch": torch.__version__,
+          "torch_threads": torch.get_num_threads(),
+          "torch_interop_threads": torch.get_num_interop_threads()}),
   }
 
 

@@ -12,7 +12,7 @@ as a big_vision .npz and read with `NearID.load`, then exported with
 preprocessed input in [-1, 1] (NHWC for JAX, NCHW for torch), so the timings
 are the forward pass alone: `model._forward(params, x)` and
 `SiglipVisionModel(pixel_values=x)` under `torch.inference_mode()`, eager and,
-unless --no-compile, `torch.compile`d. Achieved FLOP/s (forward_flops) are
+unless --no-compile, `torch.compile`d. Achieved FLOP/s (common.forward_flops) are
 against the float32 matmul peak of jnp.dot and torch.mm timed between the
 models' calls in the same run; the last column does the same per CPU-second,
 which holds still on a machine shared with other jobs. torch gets one thread
@@ -38,38 +38,6 @@ from nearid_jax.model import NearID
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 SCAN = {"default": None, "scanned": True, "unrolled": False}
-
-
-def forward_flops(arch, batch, heads=1):
-  """Analytic FLOPs of one forward pass (tower + MAP heads) on `batch` images.
-
-  A multiply-add counts 2 FLOPs; only matmul-like work is counted (LayerNorm,
-  softmax, GELU, biases and residual adds are a few percent and left out).
-  With N = patches, D = width, M = MLP width, p = patch size, per image:
-
-    patch embedding (a stride-p conv = a matmul): 2 * N * (3 p^2) * D
-    each of the `depth` blocks:
-      q, k, v and out projections:  4 * 2 * N * D^2
-      scores q k^T (all heads):     2 * N^2 * D
-      weighted sum of values:       2 * N^2 * D
-      MLP (D -> M -> D):            2 * 2 * N * D * M
-    each MAP head (one probe query attending over the N tokens; `heads` of
-    them read the same tower tokens in evaluation):
-      q and out projections of the probe:  2 * 2 * D^2
-      k and v projections of the tokens:   2 * 2 * N * D^2
-      scores and weighted sum:             2 * 2 * N * D
-      MLP on the probe:                    2 * 2 * D * M
-
-  This is the model's textbook count, the same for every implementation:
-  our MAP head folds the k and v projections into the probe (vit.
-  ProbeAttention), 4 N D H FLOPs (H heads) in place of their 4 N D^2, which
-  are under 1% of So400m/14@384's count and 6% of the demo tower's.
-  """
-  n, d, m, p = arch.num_patches, arch.width, arch.mlp_dim, arch.patch_size
-  embed = 2 * n * 3 * p * p * d
-  block = 8 * n * d * d + 4 * n * n * d + 4 * n * d * m
-  head = 4 * d * d + 4 * n * d * d + 4 * n * d + 4 * d * m
-  return batch * (embed + arch.depth * block + heads * head)
 
 
 def build_models(arch, dtype, scan, workdir):
@@ -147,7 +115,7 @@ def measure(variant="B/16", res=224, batch=8, dtype="float32", scan="default",
   args = dict(variant=variant, res=res, batch=batch, dtype=dtype, scan=scan,
               warmup=warmup, repeats=repeats, compile=try_compile)
   arch = vit.Arch.from_variant(variant, res)
-  flops = forward_flops(arch, batch)
+  flops = common.forward_flops(arch, batch)
   with tempfile.TemporaryDirectory() as workdir:
     ours, theirs = build_models(arch, dtype, SCAN[scan], workdir)
   shape = (batch, arch.image_size, arch.image_size, 3)

@@ -37,7 +37,6 @@ import jax
 import numpy as np
 
 from benchmarks import common
-from benchmarks.embed_throughput import forward_flops
 from configs import demo as demo_config
 import input_pipeline
 from input_pipeline import synthetic
@@ -108,7 +107,7 @@ def embed_rows(rows=0, repeats=3):
   return [common.suite_row(
       "eval_embed", f"demo {dc.model.variant}@{dc.model.res}, {rows} rows x "
       f"3 views, baseline + trained head", f"JAX embed.Embedder ({ours})",
-      "img/s", rows * 3, r[ours], flops=forward_flops(arch, rows * 3, heads=2),
+      "img/s", rows * 3, r[ours], flops=common.forward_flops(arch, rows * 3, heads=2),
       peaks=peaks, ref=r[ref], ref_impl=f"JAX, {ref} (one per head)",
       details=r)]
 

@@ -16,7 +16,7 @@ of JPEG files (each image in two pairs) from that directory:
   torchvision) and SiglipVisionModel under torch.inference_mode, the
   L2-normalised pooler outputs' dot products.
 images/s counts distinct images per call. FLOP/s is the towers' forward
-count (embed_throughput.forward_flops), so decoding and resizing show as a
+count (common.forward_flops), so decoding and resizing show as a
 lower share of the matmul peak. torch gets one thread per usable core;
 XLA:CPU does so by default.
 """
@@ -30,7 +30,6 @@ import torch
 import transformers
 
 from benchmarks import common
-from benchmarks.embed_throughput import forward_flops
 from nearid_jax import model as model_lib
 from nearid_jax import score
 from nearid_jax import vit
@@ -94,7 +93,7 @@ def measure(variant="B/16", res=224, images=64, hw=(384, 512), batch=16,
     times, peaks = common.time_with_peak(calls, warmup=max(warmup - 1, 0),
                                          repeats=repeats)
   results = {k: common.summarize(times[k]) for k in calls}
-  return {"args": args, "flops_per_call": forward_flops(arch, images),
+  return {"args": args, "flops_per_call": common.forward_flops(arch, images),
           "peaks": peaks, "threads": common.thread_notes(),
           "processor": type(processor).__name__,
           "max_abs_score_diff": max_diff, "results": results}

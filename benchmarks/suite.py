@@ -63,8 +63,6 @@ from benchmarks import train_throughput
 DEFAULT_JSON = os.path.join("benchmarks", "results", "suite.json")
 QUICK_ONCE = dict(warmup=1, repeats=1)
 QUICK_MATMUL_N = 256
-QUICK_XLA_FLAGS = ("--xla_backend_optimization_level=0",
-                   "--xla_llvm_disable_expensive_passes=true")
 
 
 def cache_rows(variant="So400m/14", res=384, groups=64, images=1,
@@ -220,11 +218,7 @@ def main():
                  f"{','.join(BENCHMARKS)}")
 
   if args.quick:
-    # Read when JAX starts its backend (the first computation, after this):
-    # XLA's optimisation passes off make the many small compiles of a smoke
-    # run several times faster.
-    os.environ["XLA_FLAGS"] = " ".join(
-        [os.environ.get("XLA_FLAGS", ""), *QUICK_XLA_FLAGS]).strip()
+    common.quick_compiles()
     common.MATMUL_N = QUICK_MATMUL_N
   common.set_torch_threads()
   load_before = os.getloadavg()

@@ -59,7 +59,6 @@ import configs.b16_224
 import configs.demo
 import configs.nearid_r7
 from benchmarks import common
-from benchmarks.embed_throughput import forward_flops
 from nearid_jax import sharding
 from nearid_jax.training import train
 from nearid_jax import vit
@@ -93,19 +92,6 @@ def make_config(which, groups, tower=""):
   return config
 
 
-def random_batch(groups, res, seed=0):
-  """uint8 batch shaped like the pipeline's (see tests/fake_data.py)."""
-  rng = np.random.default_rng(seed)
-  view_mask = np.ones((groups, 3), bool)
-  view_mask[rng.random(groups) < 0.3, 2] = False
-  return {
-      "views": rng.integers(0, 256, (groups, 3, res, res, 3), np.uint8),
-      "view_mask": view_mask,
-      "distractors": rng.integers(0, 256, (groups, 3, res, res, 3), np.uint8),
-      "distractor_mask": view_mask & (rng.random((groups, 3)) < 0.8),
-  }
-
-
 def two_tier_torch(anchor, positives, negatives, pos_mask, neg_mask,
                    temperature, alpha):
   """SPEC §3's two-tier loss in torch, masks as nearid_jax.losses."""
@@ -118,11 +104,13 @@ def two_tier_torch(anchor, positives, negatives, pos_mask, neg_mask,
   pool = a @ q.T / temperature                          # (B, B*P)
   dist = torch.einsum("bd,bkd->bk", a, n) / temperature  # (B, K)
   pool_valid = pos_mask.reshape(1, b * p).expand(b, -1)
-  own = torch.eye(b, dtype=torch.bool).repeat_interleave(p, dim=1)
+  own = torch.eye(b, dtype=torch.bool,
+                  device=anchor.device).repeat_interleave(p, dim=1)
   # Tier 1: softmax over valid Q ++ own valid distractors, per valid positive.
   logits = torch.cat([pool.masked_fill(~pool_valid, _NEG),
                       dist.masked_fill(~neg_mask, _NEG)], dim=1)
-  target = torch.arange(b)[:, None] * p + torch.arange(p)[None, :]
+  target = (torch.arange(b, device=anchor.device)[:, None] * p
+            + torch.arange(p, device=anchor.device)[None, :])
   nll1 = torch.logsumexp(logits, 1)[:, None] - logits.gather(1, target)
   l1 = (nll1 * pos_mask).sum() / pos_mask.sum().clamp(min=1)
   # Tier 2: each valid distractor vs b's random pool (others' valid positives).
@@ -140,13 +128,19 @@ def torch_steps(vision, config, batch, try_compile, tokens=None):
   the same head with the same optimizer: the same work on every call.
   tokens: (6B, N, D) float32 tower tokens (the feature cache's, widened from
   bf16); given, the steps train the head on them and skip the tower.
+  The batch goes to the tower's device and dtype; the head and loss run in
+  float32 (make the head float32 under a bf16 tower), as ours.
   """
+  tower = next(vision.parameters())
   # Same slot order as our step: 3 views then 3 distractors per group.
   images = np.concatenate([batch["views"], batch["distractors"]], axis=1)
   x = torch.from_numpy(images.reshape((-1,) + images.shape[2:]))
-  x = x.permute(0, 3, 1, 2).float().div(127.5).sub(1.0).contiguous()
-  pos_mask = torch.from_numpy(batch["view_mask"][:, 1:].copy())
-  neg_mask = torch.from_numpy(batch["distractor_mask"].copy())
+  x = x.to(tower.device).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+  x = x.to(tower.dtype).contiguous()
+  pos_mask = torch.from_numpy(batch["view_mask"][:, 1:].copy()).to(
+      tower.device)
+  neg_mask = torch.from_numpy(batch["distractor_mask"].copy()).to(
+      tower.device)
   head = vision.head
   vision.use_head = False  # the tower pass needs only last_hidden_state
   for p in vision.parameters():
@@ -158,7 +152,7 @@ def torch_steps(vision, config, batch, try_compile, tokens=None):
   tau, alpha = config.loss.temperature, config.loss.alpha
 
   def head_loss(tokens):
-    emb = torch.nn.functional.normalize(head(tokens), dim=-1)
+    emb = torch.nn.functional.normalize(head(tokens.float()), dim=-1)
     emb = emb.reshape(-1, SLOTS, emb.shape[-1])
     return two_tier_torch(emb[:, 0], emb[:, 1:3], emb[:, 3:], pos_mask,
                           neg_mask, tau, alpha)
@@ -239,7 +233,7 @@ def run_one(which, groups=0, tower="", warmup=2, repeats=5, try_compile=True,
         flush=True)
   mesh = sharding.make_mesh(config.mesh)
   model, frozen, state, step = train.setup(config, mesh)
-  batch = random_batch(b, m.res)
+  batch = common.random_batch(b, m.res)
   jbatch = sharding.global_batch(batch, mesh)
   with tempfile.TemporaryDirectory() as tmp:
     hf_dir = model.export(os.path.join(tmp, "hf"), format="hf-siglip")
@@ -286,7 +280,7 @@ def run_one(which, groups=0, tower="", warmup=2, repeats=5, try_compile=True,
   peak = peaks[0]
   arch = vit.Arch.from_variant(m.variant, m.res)
   # No FLOP/s for the cached step: a few small ops, not matmul-bound.
-  flops = None if cached else forward_flops(arch, b * SLOTS)
+  flops = None if cached else common.forward_flops(arch, b * SLOTS)
   r = {"which": which, "cached": cached, "variant": m.variant, "res": m.res,
        "groups": b, "steps_per_call": steps,
        "reduced_for_cpu": reduced, "images_per_step": b * SLOTS,

@@ -10,8 +10,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from benchmarks import accelerator
 from benchmarks import common
-from benchmarks.embed_throughput import forward_flops
+from benchmarks.common import forward_flops
 from nearid_jax import vit
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -102,3 +103,45 @@ def test_time_calls_settles_before_each_timed_call(settle, settle_s, least,
   assert len(times["f"]["wall_s"]) == 2
   untimed_per_timed = (len(calls) - 1 - 2) / 2
   assert least <= untimed_per_timed <= most
+
+
+@pytest.mark.slow
+def test_quick_accelerator_benchmark_measures_every_part(tmp_path):
+  out = tmp_path / "x.json"
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  proc = subprocess.run(
+      [sys.executable, "-m", "benchmarks.accelerator", "--quick", "--out",
+       str(out)], cwd=REPO, env=env, capture_output=True, text=True,
+      timeout=600, check=False)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  result = json.loads(out.read_text())
+  assert result["quick"] and result["device"]["kind"] == "cpu"
+  parts = result["parts"]
+  assert set(parts) == set(accelerator.PARTS)
+  for name, r in parts.items():
+    assert r["rate"] > 0 and r["size"] > 0, (name, r)
+    assert f"| {name} |" in proc.stdout  # one table row each
+  for name in ("forward", "train"):
+    assert parts[name]["flops_per_call"] > 0
+    assert parts[name]["flops_source"].startswith("XLA cost analysis")
+    assert parts[name]["mfu"] is None  # no peak for a CPU
+    assert result["ratios"][name] == pytest.approx(
+        parts[name]["rate"] / parts[f"torch_{name}"]["rate"])
+  assert parts["retrieval"]["self_hits"] == 1.0
+  assert result["attention"] == {"kernels": "cpu"}
+
+
+@pytest.mark.parametrize("kind,want", [
+    ("NVIDIA H100 80GB HBM3", ("H100 SXM", 989)),
+    ("NVIDIA H100 PCIe", ("H100 PCIe", 756)),
+    ("NVIDIA A100-SXM4-40GB", ("A100", 312)),
+    ("TPU v4", ("TPU v4", 275)), ("TPU v5 lite", ("TPU v5e", 197)),
+    ("TPU v5p", ("TPU v5p", 459)), ("TPU v6 lite", ("TPU v6e", 918)),
+    ("cpu", (None, None))])
+def test_accelerator_peaks_by_device_kind(kind, want):
+  assert accelerator.peak(kind) == want
+
+
+def test_accelerator_results_are_named_by_device_kind():
+  assert accelerator.slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+  assert accelerator.slug("TPU v5 lite") == "tpu-v5-lite"
