@@ -13,6 +13,7 @@ All compute the same function (tests/test_cpu_kernels.py, tests/
 test_kernels.py).
 """
 import jax
+import jax.extend
 import jax.numpy as jnp
 
 from nearid_jax import vit
@@ -32,7 +33,10 @@ def cudnn_takes(query):
   `query` here: on a GPU backend, in its dtypes and head dims
   (jax.nn.dot_product_attention(implementation="cudnn") raises otherwise)."""
   head_dim = query.shape[-1]
-  return (jax.default_backend() == "gpu" and query.dtype in CUDNN_DTYPES
+  # ROCm GPUs are "gpu" too; only CUDA's platform has cuDNN.
+  cuda = (jax.default_backend() == "gpu" and "cuda" in
+          jax.extend.backend.get_backend().platform_version.lower())
+  return (cuda and query.dtype in CUDNN_DTYPES
           and head_dim % 8 == 0 and head_dim <= CUDNN_MAX_HEAD_DIM)
 
 

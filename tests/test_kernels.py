@@ -1,7 +1,10 @@
 """The backend's choice of attention kernels, and the GPU's form against
 flax's attention."""
+import types
+
 import flax.linen as nn
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -70,6 +73,10 @@ def test_cudnn_takes_its_dtypes_and_head_dims(monkeypatch):
   x = lambda dtype, dh: jnp.zeros((1, 5, 2, dh), dtype)
   assert not kernels.cudnn_takes(x(jnp.bfloat16, 72))  # this is no GPU
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  platform = types.SimpleNamespace(platform_version="rocm 60300")
+  monkeypatch.setattr(jax.extend.backend, "get_backend", lambda: platform)
+  assert not kernels.cudnn_takes(x(jnp.bfloat16, 72))  # no cuDNN on ROCm
+  platform.platform_version = "cuda 12080"
   assert kernels.cudnn_takes(x(jnp.bfloat16, 72))  # So400m's head dim
   assert kernels.cudnn_takes(x(jnp.float16, 128))
   assert not kernels.cudnn_takes(x(jnp.float32, 72))
