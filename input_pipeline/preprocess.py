@@ -9,10 +9,10 @@ half-pixel centres, as big_vision's tf.image.resize.
 
 Pixels are 0..255 (uint8). Other inputs, so that none silently means
 something else (`image_uint8`): 16-bit greyscale (PIL "I;16*") is scaled
-to 8 bits (x / 257, as transformers' convert("RGB") does not: it clips at
-255); 32-bit PIL images ("I", "F") and non-uint8 arrays are taken as
+to 8 bits, x / 257 (PIL's convert("RGB"), which transformers uses, clips
+it at 255); 32-bit PIL images ("I", "F") and non-uint8 arrays are taken as
 0..255 and rounded, and refused, naming what was found, when a value lies
-outside 0..255, or a float image's maximum is <= 1 (0..1 pixels: scale by
+outside 0..255 or a float image lies within 0..1 (0..1 pixels: scale by
 255); an empty (zero-size) image is refused.
 """
 import os
