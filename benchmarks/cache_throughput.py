@@ -91,9 +91,12 @@ def fake_cache(path, config, model, rows, seed=0):
   with open(os.path.join(path, name), "rb") as f:
     os.fsync(f.fileno())
   write_s = time.perf_counter() - t0
-  meta = {**feature_cache.fingerprint(config, model), "token_shape": [n, d],
-          "shards": [name], "nearid_rows": list(range(rows)), "mtg_rows": [],
-          "images": rows * SLOTS, "empty": 0, "corrupt": 0}
+  # No prepared data: the fingerprint without it (training then takes the
+  # cache's rows as they are).
+  meta = {**feature_cache.fingerprint(config, model, data=False),
+          "token_shape": [n, d], "shards": [name],
+          "shard_records": [len(records)], "nearid_rows": list(range(rows)),
+          "mtg_rows": [], "images": rows * SLOTS, "empty": 0, "corrupt": 0}
   with open(os.path.join(path, feature_cache.METADATA), "w") as f:
     json.dump(meta, f)
   return os.path.join(path, name), write_s / (rows * SLOTS)
@@ -130,6 +133,7 @@ def run(args):
                     compiler_options=model.compiler_options)
 
   with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+    config.input.data_dir = tmp  # no prepared data: the cache alone
     rows = 2 * args.step_groups
     shard, write_s = fake_cache(tmp, config, model, rows)
     # The disk alone: every record once, its pages dropped first.

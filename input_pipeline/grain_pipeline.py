@@ -50,6 +50,10 @@ Config fields (`config.input`, defaults in `default_config()`):
   feature_cache a directory nearid_jax.feature_cache.write built ("" =
                 none): train the head on its tokens, same groups in the
                 same order as from the images
+  feature_cache_overwrite  `--mode cache` replaces a cache at
+                feature_cache built for another run (tower, pixels or
+                data); without it that stops, naming the differences. An
+                intact cache of this run is kept, a damaged one rebuilt.
 """
 import sys
 
@@ -85,6 +89,7 @@ def default_config():
   c.split_seed = 0
   c.rebuild = False
   c.feature_cache = ""
+  c.feature_cache_overwrite = False
   return c
 
 

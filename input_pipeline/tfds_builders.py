@@ -45,7 +45,9 @@ its view exists is kept blank and counted per split and source
 import bisect
 import contextlib
 import dataclasses
+import hashlib
 import io
+import json
 import logging
 import os
 
@@ -384,6 +386,24 @@ def _mtg_fingerprint(manual):
   return {"files": _files(manual, [MTG_FOLDER]), "config": {}}
 
 
+def input_digest(builder, folders):
+  """sha256 of the inputs `builder` recorded (its fingerprint) from
+  `folders` of the manual dir, and of the fields that shaped them; None for
+  a build that records none.
+
+  Per folder, so that what a feature cache read from one source is compared
+  whichever build holds that source.
+  """
+  built = builder.info.metadata.get("fingerprint")
+  if not built:
+    return None
+  files = {name: list(stat) for name, stat in built["files"].items()
+           if name.split(os.sep)[0] in folders}
+  config = {k: v for k, v in built["config"].items() if k != "sources"}
+  return hashlib.sha256(json.dumps([files, config], sort_keys=True)
+                        .encode()).hexdigest()
+
+
 def _changes(built, now):
   """What differs between a build's fingerprint and its inputs now, in words
   ([]: nothing)."""
@@ -566,26 +586,34 @@ def view_columns(builder):
 def data_source(builder, split):
   """`builder`'s split as a random-access source whose faults name the file.
 
-  Each ArrayRecord shard is opened first and its record count checked
-  against dataset_info.json, so a truncated or replaced shard stops here,
-  before training, instead of as an anonymous Riegeli error mid-epoch.
+  Each shard's record count is checked first (check_shards), so a truncated
+  or replaced shard stops here, before training, instead of as an anonymous
+  Riegeli error mid-epoch.
   """
-  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
   info = builder.info.splits[split]
   paths = [os.path.join(builder.data_dir, f) for f in info.filenames]
-  for path, want in zip(paths, info.shard_lengths):
+  check_shards(paths, info.shard_lengths, "dataset_info.json",
+               "run prepare again to rebuild it")
+  return _NamedSource(builder.as_data_source(split=split), paths,
+                      info.shard_lengths)
+
+
+def check_shards(paths, lengths, listed_in, remedy):
+  """Opens each ArrayRecord shard and checks its record count against
+  `lengths` (what the file `listed_in` says); a shard that does not open or
+  holds another count stops (DataError) naming it, and `remedy`."""
+  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+  for path, want in zip(paths, lengths):
     try:
       reader = array_record_module.ArrayRecordReader(path)
       have = reader.num_records()
       reader.close()
     except Exception as e:  # pylint: disable=broad-except
-      raise DataError(f"{path}: unreadable ArrayRecord shard ({e}); "
-                      "run prepare again to rebuild it") from e
+      raise DataError(f"{path}: unreadable ArrayRecord shard "
+                      f"({e or type(e).__name__}); {remedy}") from e
     if have != want:
-      raise DataError(f"{path}: {have} records, dataset_info.json says "
-                      f"{want}: a truncated shard; run prepare again")
-  return _NamedSource(builder.as_data_source(split=split), paths,
-                      info.shard_lengths)
+      raise DataError(f"{path}: {have} records, {listed_in} says {want}: a "
+                      f"truncated shard; {remedy}")
 
 
 class _NamedSource:

@@ -204,7 +204,12 @@ class NearID:
     return model
 
   def embed(self, images):
-    """uint8 (B, H, W, 3) or a list of PIL images -> float32 (B, D), unit norm."""
+    """uint8 (B, H, W, 3), or a list of image paths, PIL images or uint8
+    (H, W, 3) arrays -> float32 (B, D), unit norm.
+
+    Other pixel types are converted or refused (preprocess.image_uint8);
+    each image is resized as it is read (preprocess.preprocess).
+    """
     x = preprocess.preprocess(images, self.arch.image_size, self.resize)
     out = []
     for i in range(0, len(x), self.batch_size):

@@ -315,7 +315,9 @@ def test_failed_export_leaves_nothing_and_keeps_the_old(loaded, tmp_path,
 @pytest.mark.parametrize("images,match", [
     (np.zeros((2, 20, 20, 4), np.uint8), r"expected \(H, W, 3\) RGB, got "
      r"shape \(20, 20, 4\)"),
-    (np.zeros((2, 20, 20, 3), np.float32), "expected dtype uint8"),
+    (np.zeros((2, 20, 20, 3), np.float32), r"image 0: array: float32 values "
+     r"in \[0, 0\], taken as 0..1 pixels; pixels are 0..255: pass "
+     r"np.round\(x \* 255\).astype\(np.uint8\)"),
     (np.zeros((20, 20, 3), np.uint8), r"expected a \(B, H, W, 3\) array"),
 ])
 def test_bad_images_are_refused(loaded, images, match):

@@ -5,6 +5,8 @@ Run as a script, this file is one process of a multi-process write.
 import io
 import os
 import pickle
+import re
+import shutil
 import sys
 
 import grain
@@ -300,13 +302,109 @@ def test_cache_of_other_pixels_or_data_is_refused(data):
 
 def test_write_keeps_a_matching_cache_and_refuses_another(data):
   config, _, cache_dir, model, meta = data
-  assert feature_cache.write(config, cache_dir, model=model) == meta
+  said = []
+  assert feature_cache.write(config, cache_dir, model=model,
+                             log=said.append) == meta
+  assert said == [f"feature cache {cache_dir}: verified (the record counts "
+                  "of its 1 shard(s)), kept"]
   other = _config(config.input.data_dir, config.input.manual_dir,
                   **{"model.dtype": "bfloat16"})
   with pytest.raises(feature_cache.CacheMismatch,
                      match=r"holds a feature cache for another run \(dtype: "
-                     r"the cache has 'float32', this config 'bfloat16'"):
+                     r"the cache has 'float32', this config 'bfloat16'.*\); "
+                     r"replace it with --config.input.feature_cache_overwrite"
+                     r"=True$"):
     feature_cache.write(other, cache_dir, model=model)
+
+
+@pytest.fixture(scope="module")
+def other_data(tmp_path_factory):
+  """Another NearID-format dataset (fewer rows, no MTG), prepared."""
+  manual = tmp_path_factory.mktemp("hf_other")
+  pos, neg = synthetic.nearid_rows(6, 32, 1, SOURCES)
+  synthetic.write_nearid(str(manual), pos, neg, splits_lib.seeded(6, 0))
+  config = _config(tmp_path_factory.mktemp("tfds_other"), manual,
+                   **{"input.mtg_repeat": 0})
+  input_pipeline.prepare(config.input)
+  return config
+
+
+def test_cache_of_another_dataset_is_refused_then_overwritten(
+    data, other_data, tmp_path):
+  config, _, cache_dir, model, _ = data
+  # The same tower, pixels, split and sources: only the data differs.
+  with pytest.raises(feature_cache.CacheMismatch) as e:
+    feature_cache.train_iterator(other_data, 0, 1, cache_dir=cache_dir,
+                                 model=model)
+  ours = os.path.join(config.input.data_dir, "nearid", "Flux-Qwen", "1.0.0")
+  theirs = os.path.join(other_data.input.data_dir, "nearid", "Flux-Qwen",
+                        "1.0.0")
+  n_ours, n_theirs = (len(splits_lib.seeded(n, 0)["train"]) for n in (N, 6))
+  # Both builds named, with their row counts.
+  assert re.search(
+      rf"data: the cache was built from {re.escape(ours)} \(rows: test \d+, "
+      rf"train {n_ours}, val \d+; inputs sha256 \w{{12}}\.\.\.\), this "
+      rf"config reads {re.escape(theirs)} \(rows: test \d+, train "
+      rf"{n_theirs}, val \d+; inputs sha256 \w{{12}}\.\.\.\) "
+      r"\(input.data_dir\)", str(e.value)), str(e.value)
+  assert "feature_cache_overwrite=True" in str(e.value)
+  # `--mode cache` refuses it too, unless input.feature_cache_overwrite.
+  shutil.copytree(cache_dir, tmp_path / "cache")
+  out = str(tmp_path / "cache")
+  with pytest.raises(feature_cache.CacheMismatch, match="data: the cache "
+                     "was built from .*feature_cache_overwrite=True"):
+    feature_cache.write(other_data, out, model=model)
+  other = _config(other_data.input.data_dir, other_data.input.manual_dir,
+                  **{"input.mtg_repeat": 0,
+                     "input.feature_cache_overwrite": True})
+  said = []
+  meta = feature_cache.write(other, out, model=model, log=said.append)
+  assert said[0].startswith(f"feature cache {out}: built for another run "
+                            "(data: the cache was built from ")
+  assert said[0].endswith("replacing it (input.feature_cache_overwrite)")
+  assert len(meta["nearid_rows"]) == n_theirs and not meta["mtg_rows"]
+  assert meta["data"] == feature_cache.data_fingerprint(other.input)
+  batch = next(feature_cache.train_iterator(other_data, 0, 1, cache_dir=out,
+                                            model=model))
+  assert set(batch["index"]) <= set(splits_lib.seeded(6, 0)["train"])
+
+
+def test_cache_without_prepared_data_trains_on_its_rows(data, tmp_path,
+                                                       caplog):
+  config, _, cache_dir, model, meta = data
+  bare = _config(tmp_path / "nothing", tmp_path / "nothing")
+  with caplog.at_level("WARNING"):
+    batch = next(feature_cache.train_iterator(bare, 0, 1, cache_dir=cache_dir,
+                                              model=model))
+  assert set(batch["index"][~batch["is_mtg"]]) <= set(TRAIN)
+  assert (f"feature cache {cache_dir}: not compared with the data (NearID "
+          "with sources ['Flux', 'Qwen'] is not prepared under "
+          f"{tmp_path / 'nothing' / 'nearid'}") in caplog.text
+  assert f"training on its rows, from {meta['data_dir']}" in caplog.text
+
+
+def test_truncated_shard_is_named_and_rebuilt(data, tmp_path):
+  config, _, cache_dir, model, meta = data
+  out = tmp_path / "cache"
+  shutil.copytree(cache_dir, out)
+  (shard,) = out.glob("tokens-*.array_record")
+  whole = shard.read_bytes()
+  shard.write_bytes(whole[:len(whole) // 2])
+  # Named at open: the shard, not an anonymous Riegeli error.
+  named = (re.escape(str(shard)) + r": (unreadable ArrayRecord shard "
+           r"\(.*\)|\d+ records, metadata.json says \d+: a truncated "
+           r"shard); `launch.py --mode cache` rebuilds it")
+  with pytest.raises(input_pipeline.DataError, match=named):
+    feature_cache.train_iterator(config, 0, 1, cache_dir=str(out),
+                                 model=model)
+  # `--mode cache` says so and rebuilds it: the same records as before.
+  said = []
+  assert feature_cache.write(config, str(out), model=model,
+                             log=said.append) == meta
+  assert len(said) == 1 and re.match(
+      rf"feature cache {re.escape(str(out))}: damaged \({named}\): "
+      r"rebuilding it$", said[0]), said
+  assert shard.read_bytes() == whole
 
 
 def test_not_a_cache_is_named(tmp_path, data):
@@ -389,8 +487,10 @@ def test_two_processes_write_one_cache(data, tmp_path):
   two = feature_cache.Cache(out)
   assert two.meta["shards"] == [f"tokens-0000{i}-of-00002.array_record"
                                 for i in range(2)]
-  assert {k: v for k, v in two.meta.items() if k != "shards"} == {
-      k: v for k, v in meta.items() if k != "shards"}
+  assert sum(two.meta["shard_records"]) == sum(meta["shard_records"])
+  per_shard = ("shards", "shard_records")
+  assert {k: v for k, v in two.meta.items() if k not in per_shard} == {
+      k: v for k, v in meta.items() if k not in per_shard}
   assert sorted(os.listdir(out)) == ["metadata.json"] + two.meta["shards"]
   one = feature_cache.Cache(cache_dir)
   a = feature_cache.TokenLookup(two).records

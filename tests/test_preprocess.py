@@ -92,3 +92,84 @@ def test_unknown_resample_code():
 def test_unknown_resize_method():
   with pytest.raises(ValueError, match="unknown resize method 'cubic'"):
     preprocess.resize(random_images(1, 8, 8)[0], 4, "cubic")
+
+
+def test_empty_image_is_refused_naming_it():
+  ok = random_images(1, 8, 8)[0]
+  for empty, size in ((Image.new("RGB", (0, 0)), "0x0"),
+                      (np.zeros((0, 5, 3), np.uint8), "5x0")):
+    with pytest.raises(ValueError, match=rf"^image 1: empty \({size} "
+                       r"pixels\)$"):
+      preprocess.preprocess([ok, empty], 16)
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I;16B"])
+def test_16_bit_greyscale_is_scaled_not_clipped(mode):
+  x = np.linspace(0, 65535, 12 * 10).round().astype(np.uint16).reshape(12, 10)
+  im = Image.fromarray(x)
+  if mode == "I;16B":
+    im = Image.frombytes(mode, im.size, x.astype(">u2").tobytes())
+  assert im.mode == mode
+  want = np.repeat(np.round(x / 257).astype(np.uint8)[..., None], 3, -1)
+  np.testing.assert_array_equal(preprocess.pil_uint8(im), want)
+  # A 16-bit PNG file, as read for training, scoring and embed([path]).
+  np.testing.assert_array_equal(preprocess.read_image(_saved(im)), want)
+  np.testing.assert_array_equal(preprocess.preprocess([im], 12),
+                                preprocess.preprocess(want[None], 12))
+
+
+def test_32_bit_and_float_pixels_are_0_to_255_or_refused():
+  x = np.arange(64, dtype=np.float32).reshape(8, 8) * 4 + 0.4  # 0.4..252.4
+  want = np.repeat(np.round(x).astype(np.uint8)[..., None], 3, -1)
+  np.testing.assert_array_equal(preprocess.pil_uint8(Image.fromarray(x)),
+                                want)
+  np.testing.assert_array_equal(
+      preprocess.pil_uint8(Image.fromarray(x.astype(np.int32))),
+      np.repeat(x.astype(np.uint8)[..., None], 3, -1))
+  np.testing.assert_array_equal(preprocess.image_uint8(want * 1.0, 0), want)
+  ok = random_images(1, 8, 8)[0]
+  for image, found in (
+      (Image.fromarray(x / 255), r"PIL mode 'F': float32 values in "
+       r"\[0.00156863, 0.989804\], taken as 0..1 pixels; pixels are 0..255: "
+       r"pass np.round\(x \* 255\).astype\(np.uint8\)"),
+      (Image.fromarray(x * 2), r"PIL mode 'F': float32 values in \[0.8, "
+       r"504.8\], outside 0..255: scale them to uint8 0..255"),
+      (Image.fromarray((x * 300).astype(np.int32)), r"PIL mode 'I': int32 "
+       r"values in \[120, 75720\], outside 0..255"),
+      (np.stack([x / 127.5 - 1] * 3, -1), r"array: float32 values in "
+       r"\[-0.996863, 0.979608\], outside 0..255"),
+      (np.full((4, 4, 3), np.nan), r"array: float64 values in \[nan, nan\]"),
+      (np.full((4, 4, 3), 1000, np.uint16), r"array: uint16 values in "
+       r"\[1000, 1000\], outside 0..255"),
+      (np.ones((4, 4, 3), bool), r"array: dtype bool, expected uint8")):
+    with pytest.raises(ValueError, match=rf"^image 1: {found}"):
+      preprocess.preprocess([ok, image], 16)
+
+
+def test_each_image_is_resized_before_the_next_is_read(tmp_path,
+                                                       monkeypatch):
+  arrays = random_images(3, 40, 30)
+  paths = []
+  for i, a in enumerate(arrays):
+    paths.append(str(tmp_path / f"{i}.png"))
+    Image.fromarray(a).save(paths[-1])
+  events = []
+  read, resize = preprocess.image_uint8, preprocess.resize
+
+  def reading(image, i):
+    events.append(("read", i))
+    return read(image, i)
+
+  def resizing(image, *args):
+    events.append(("resize", image.shape))
+    return resize(image, *args)
+
+  monkeypatch.setattr(preprocess, "image_uint8", reading)
+  monkeypatch.setattr(preprocess, "resize", resizing)
+  for images in (paths, [Image.open(p) for p in paths]):
+    events.clear()
+    got = preprocess.preprocess(images, 16)
+    # A full-size decode is resized (and dropped) before the next is read.
+    assert events == [e for i in range(3)
+                      for e in (("read", i), ("resize", (40, 30, 3)))]
+    np.testing.assert_array_equal(got, preprocess.preprocess(arrays, 16))

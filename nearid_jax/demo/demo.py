@@ -90,7 +90,7 @@ def _feature_cache(config, workdir):
     config.input.feature_cache = os.path.join(workdir, "data", "cache")
   # A cache of an older tower in the demo's own folder is simply replaced.
   meta = feature_cache.write(config, config.input.feature_cache,
-                             overwrite=own)
+                             overwrite=own or None, log=_log)
   _log(f"feature cache: the frozen tower's tokens of {meta['images']} "
        f"images in {config.input.feature_cache}")
 

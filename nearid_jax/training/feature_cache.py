@@ -24,9 +24,11 @@ iterator.
 A cache directory (visible to every process: the reader's global shuffle
 may ask any process for any row):
   metadata.json      the fingerprint (tower variant, res, dtype, resize, a
-                     sha256 of the tower params; split, sources, MTG), row
-                     counts and each row's `index`, token shape, shard files.
-                     Written last: without it the directory is no cache.
+                     sha256 of the tower params; split, sources, MTG; the
+                     prepared data: data_fingerprint), row counts and each
+                     row's `index`, token shape, shard files and their
+                     record counts. Written last: without it the directory
+                     is no cache.
   tokens-PPPPP-of-QQQQQ.array_record   process P's share of the records.
 Records, read as one sequence over the shards in process order:
   NearID position i, slot j: record i * 3 * (1 + S) + j, slots views 0..2
@@ -44,6 +46,14 @@ the loss masks them, but a cached batch is then the uncached one to bf16
 rounding, and finite (all-zero tokens can make a zero embedding, whose
 normalisation has a NaN gradient that masking does not stop).
 
+Opening a cache checks every shard's record count against the metadata
+(a truncated shard is named). Training refuses a cache of another
+fingerprint, its data included when input.data_dir holds a prepared
+NearID (without one the cache's own rows are used, with a warning).
+`write` (`launch.py --mode cache`) keeps an existing cache of the config's
+fingerprint when its shards check out, rebuilds it when damaged, and
+replaces one of another fingerprint only with input.feature_cache_overwrite.
+
 A cache up to IN_MEMORY_BYTES (1 GiB; the demo's is 59 MB) is read into
 one token array by each reading process at its first lookup and a batch is
 one fancy-index of it, made without reader threads; a bigger one (the
@@ -53,6 +63,7 @@ in one batched ArrayRecord read.
 import glob
 import hashlib
 import json
+import logging
 import os
 
 from array_record.python import array_record_module
@@ -85,7 +96,7 @@ IN_MEMORY_BYTES = 1 << 30
 
 
 class CacheMismatch(ValueError):
-  """A cache built for another tower, resolution, split or sources."""
+  """A cache built for another tower, resolution, split, sources or data."""
 
 
 def _shard_name(p, count):
@@ -122,13 +133,68 @@ def tower_sha256(model):
   return h.hexdigest()
 
 
-def fingerprint(config, model):
-  """What decides the tokens: tower, weights, pixels; and the data cached."""
-  return {"variant": _variant(model.arch), "res": model.arch.image_size,
-          "dtype": config.model.dtype, "resize": config.input.resize,
-          "tower_sha256": tower_sha256(model), "split": config.input.split,
-          "sources": list(config.input.sources),
-          "mtg": config.input.mtg_repeat > 0}
+def fingerprint(config, model, data=True):
+  """What decides the tokens: tower, weights, pixels; and the data cached
+  (with `data`, the prepared data too: data_fingerprint)."""
+  out = {"variant": _variant(model.arch), "res": model.arch.image_size,
+         "dtype": config.model.dtype, "resize": config.input.resize,
+         "tower_sha256": tower_sha256(model), "split": config.input.split,
+         "sources": list(config.input.sources),
+         "mtg": config.input.mtg_repeat > 0}
+  if data:
+    out["data"] = data_fingerprint(config.input)
+  return out
+
+
+def _build(builder, folders):
+  """A prepared dataset: where, its splits' row counts, its inputs' sha256."""
+  return {"build": os.fspath(builder.data_dir),
+          "rows": {name: split.num_examples
+                   for name, split in builder.info.splits.items()},
+          "inputs": tfds_builders.input_digest(builder, folders)}
+
+
+def data_fingerprint(cfg):
+  """The prepared data (config.input) the cached rows come from: NearID's
+  build (its splits' row counts, a digest of the positives and split files
+  it read), a digest of each source's distractors, MTG's build."""
+  nearid = tfds_builders.load_nearid(cfg, cfg.sources)
+  out = {"nearid": _build(nearid, [tfds_builders.POSITIVES,
+                                   tfds_builders.SPLITS]),
+         "source_inputs": {s: tfds_builders.input_digest(
+             nearid, [f"{tfds_builders.POSITIVES}-{s}"])
+                           for s in cfg.sources}}
+  if cfg.mtg_repeat > 0:
+    out["mtg"] = _build(tfds_builders.load_mtg(cfg),
+                        [tfds_builders.MTG_FOLDER])
+  return out
+
+
+def _describe(build):
+  rows = ", ".join(f"{k} {v}" for k, v in sorted(build["rows"].items()))
+  return (f"{build['build']} (rows: {rows}; inputs sha256 "
+          f"{str(build['inputs'])[:12]}...)")
+
+
+def _data_mismatches(cached, wanted):
+  """Why the cache's data is not the config's (data_fingerprint) -> [str]."""
+  if "data" not in cached:
+    return ["data: the cache records no fingerprint of the prepared data it "
+            "was built from"]
+  cached, bad = cached["data"], []
+  for name in ("nearid", "mtg"):
+    have, want = cached.get(name), wanted.get(name)
+    if have and want and (have["rows"], have["inputs"]) != (want["rows"],
+                                                          want["inputs"]):
+      bad.append(f"data: the cache was built from {_describe(have)}, this "
+                 f"config reads {_describe(want)} (input.data_dir)")
+  changed = [s for s, digest in wanted["source_inputs"].items()
+             if cached["source_inputs"].get(s, digest) != digest]
+  if changed:
+    bad.append(f"data: the distractors of {changed} are not those the cache "
+               f"was built from ({cached['nearid']['build']}; this config "
+               f"reads {wanted['nearid']['build']})")
+  return bad
 
 
 def _mismatches(cached, wanted):
@@ -149,6 +215,8 @@ def _mismatches(cached, wanted):
                f"{cached['sources']} (input.sources)")
   if wanted["mtg"] and not cached["mtg"]:
     bad.append("MTG: input.mtg_repeat > 0 but the cache holds no MTG rows")
+  if "data" in wanted:
+    bad += _data_mismatches(cached, wanted["data"])
   return bad
 
 
@@ -232,7 +300,7 @@ def _clear(out_dir):
 
 
 def write(config, out_dir, *, model=None, mesh=None, batch_size=None,
-          overwrite=False):
+          overwrite=None, log=print):
   """Writes the tokens of every image the training stream can use.
 
   That is each `input.split` NearID row's views and its distractors from
@@ -249,8 +317,11 @@ def write(config, out_dir, *, model=None, mesh=None, batch_size=None,
     mesh: default sharding.make_mesh(config.mesh).
     batch_size: images per forward (global); default input.batch_size * 6,
       what one training step runs through the tower.
-    overwrite: replace a cache of another fingerprint at out_dir. A cache
-      that already matches the config is kept as it is.
+    overwrite: replace a cache of another fingerprint at out_dir; default
+      input.feature_cache_overwrite. A cache that matches the config is
+      verified (every shard's record count, as Cache does) and kept, or
+      rebuilt when damaged.
+    log: where process 0 says what it did with a cache already at out_dir.
   Returns:
     The cache's metadata (a dict, as metadata.json).
   """
@@ -267,17 +338,29 @@ def write(config, out_dir, *, model=None, mesh=None, batch_size=None,
                      "processes")
   local = batch_size // count
 
+  if overwrite is None:
+    overwrite = cfg.get("feature_cache_overwrite", False)
+  say = log if p == 0 else lambda _: None
   wanted = fingerprint(config, model)
   meta_path = os.path.join(out_dir, METADATA)
   if os.path.exists(meta_path):
     meta = read_metadata(out_dir)
     bad = _mismatches(meta, wanted)
-    if not bad:
-      return meta
-    if not overwrite:
+    if bad and not overwrite:
       raise CacheMismatch(f"{out_dir} holds a feature cache for another run ("
-                          + "; ".join(bad) + "); pass overwrite=True to "
-                          "replace it")
+                          + "; ".join(bad) + "); replace it with "
+                          "--config.input.feature_cache_overwrite=True")
+    if bad:
+      say(f"feature cache {out_dir}: built for another run ("
+          + "; ".join(bad) + "): replacing it (input.feature_cache_overwrite)")
+    else:
+      try:
+        Cache(out_dir)
+        say(f"feature cache {out_dir}: verified (the record counts of its "
+            f"{len(meta['shards'])} shard(s)), kept")
+        return meta
+      except (FileNotFoundError, tfds_builders.DataError) as e:
+        say(f"feature cache {out_dir}: damaged ({e}): rebuilding it")
   _barrier("checked")  # every process decided before anything is removed
   if p == 0:
     os.makedirs(out_dir, exist_ok=True)
@@ -324,6 +407,7 @@ def write(config, out_dir, *, model=None, mesh=None, batch_size=None,
   writer = array_record_module.ArrayRecordWriter(
       os.path.join(out_dir, _shard_name(p, count)), _WRITER_OPTIONS)
   counts = {"images": 0, "empty": 0, "corrupt": 0}
+  records = 0  # written to this process's shard
   stream, exhausted, more, blank = slots(), False, True, None
   while more:
     pending, images = [], []  # records in order; ints index into images
@@ -346,16 +430,18 @@ def write(config, out_dir, *, model=None, mesh=None, batch_size=None,
         tokens, mesh, spec))
     for r in pending:
       writer.write(r if isinstance(r, bytes) else tokens[r].tobytes())
+    records += len(pending)
     if blank is None and len(images) < local:  # every process meets one
       blank = tokens[len(images)].tobytes()
     counts["images"] += len(images)
     more = bool(more)
   if p == count - 1:
     writer.write(blank)  # the last record, after every process's share
+    records += 1
   writer.close()
   _write_json(os.path.join(out_dir, _rows_name(p, count)),
               {"nearid": row_index[groups.NEARID],
-               "mtg": row_index[groups.MTG], **counts})
+               "mtg": row_index[groups.MTG], "records": records, **counts})
 
   # --- process 0 seals the cache once every share is on disk
   _barrier("written")
@@ -363,12 +449,14 @@ def write(config, out_dir, *, model=None, mesh=None, batch_size=None,
     meta = {**wanted, "token_shape": [model.arch.num_patches,
                                       model.arch.width],
             "shards": [_shard_name(q, count) for q in range(count)],
-            "nearid_rows": [], "mtg_rows": [], **dict.fromkeys(counts, 0),
+            "shard_records": [], "nearid_rows": [], "mtg_rows": [],
+            **dict.fromkeys(counts, 0),
             "data_dir": cfg.data_dir}
     for q in range(count):
       part_path = os.path.join(out_dir, _rows_name(q, count))
       with open(part_path) as f:
         part = json.load(f)
+      meta["shard_records"].append(part["records"])
       meta["nearid_rows"] += part["nearid"]
       meta["mtg_rows"] += part["mtg"]
       for k in counts:
@@ -380,6 +468,8 @@ def write(config, out_dir, *, model=None, mesh=None, batch_size=None,
 
 
 # --- reading
+
+_REDO = "`launch.py --mode cache` rebuilds it"
 
 
 def read_metadata(path):
@@ -402,7 +492,13 @@ class Cache:
     missing = [s for s in shards if not os.path.exists(s)]
     if missing:
       raise FileNotFoundError(f"feature cache {self.path}: shard(s) {missing}"
-                              " listed in its metadata are missing")
+                              f" listed in its metadata are missing; {_REDO}")
+    if "shard_records" not in self.meta:
+      raise tfds_builders.DataError(
+          f"feature cache {self.path}: its {METADATA} lists no shard record "
+          f"counts (an older cache); {_REDO}")
+    tfds_builders.check_shards(shards, self.meta["shard_records"], METADATA,
+                               _REDO)
     self.shards = shards
     self.num_nearid = len(self.meta["nearid_rows"])
     self.num_mtg = len(self.meta["mtg_rows"])
@@ -413,12 +509,25 @@ class Cache:
 
   def check(self, config, model=None):
     """Refuses (CacheMismatch) a config whose tokens or data would differ."""
-    bad = _mismatches(self.meta, fingerprint(config,
-                                             _load_model(config, model)))
+    bad = _mismatches(self.meta, fingerprint(
+        config, _load_model(config, model), data=False))
+    if not bad:  # the data is compared once the cache holds the sources
+      try:
+        data = data_fingerprint(config.input)
+      except tfds_builders.DataError as e:
+        # The cache alone serves training: a host without the data (or a
+        # run without evaluation) trains on the rows the cache holds.
+        logging.warning("feature cache %s: not compared with the data (%s);"
+                        " training on its rows, from %s", self.path, e,
+                        self.meta.get("data_dir"))
+      else:
+        bad = _data_mismatches(self.meta, data)
     if bad:
       raise CacheMismatch(f"feature cache {self.path} does not match this "
                           "config: " + "; ".join(bad) + ". Build one for it "
-                          "with feature_cache.write(config, out_dir).")
+                          "with `launch.py --mode cache` (and "
+                          "--config.input.feature_cache_overwrite=True to "
+                          "replace this one).")
 
   def refs(self, sources):
     """GroupMaker's refs for training groups drawing from `sources`."""
