@@ -14,8 +14,10 @@ from PIL import Image
 import pytest
 
 from configs.common import training_config
+from fake_data import plant_lock
 import input_pipeline
 from input_pipeline import hf_format
+from input_pipeline import locks
 from input_pipeline import splits as splits_lib
 from input_pipeline import synthetic
 from nearid_jax.training import feature_cache
@@ -307,6 +309,15 @@ def test_write_keeps_a_matching_cache_and_refuses_another(data):
                      match=r"holds a feature cache for another run \(dtype: "
                      r"the cache has 'float32', this config 'bfloat16'"):
     feature_cache.write(other, cache_dir, model=model)
+
+
+def test_second_cache_writer_is_refused(data, tmp_path):
+  config, _, _, model, _ = data
+  lock = plant_lock(tmp_path, what="feature cache writing")
+  with pytest.raises(locks.Locked, match=rf"in use by feature cache writing "
+                     rf"\(pid {os.getppid()} .*lock file {lock}"):
+    feature_cache.write(config, str(tmp_path), model=model)
+  assert os.listdir(tmp_path) == [locks.NAME]
 
 
 def test_not_a_cache_is_named(tmp_path, data):

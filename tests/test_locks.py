@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from fake_data import FakeGroups
+from fake_data import plant_lock
 from input_pipeline import locks
 from nearid_jax import checkpointing
 from nearid_jax.model import NearID
@@ -25,22 +26,8 @@ from nearid_jax.training import train
 from test_train import tiny_config
 
 
-def _plant(directory, **holder):
-  """A lock file of `holder` (defaults: a live process of this host)."""
-  os.makedirs(directory, exist_ok=True)
-  pid = holder.get("pid", os.getppid())
-  holder = {"what": "training", "host": socket.gethostname(), "pid": pid,
-            "pid_start": locks.pid_start(pid),
-            "started": "2026-01-02 03:04:05 +0000",
-            "command": "launch.py --mode train", **holder}
-  path = os.path.join(directory, locks.NAME)
-  with open(path, "w") as f:
-    json.dump(holder, f)
-  return path
-
-
 def test_second_writer_is_refused_naming_the_holder(tmp_path):
-  path = _plant(tmp_path)
+  path = plant_lock(tmp_path)
   with pytest.raises(locks.Locked) as e:
     locks.acquire(tmp_path, "training")
   msg = str(e.value)
@@ -53,7 +40,7 @@ def test_second_writer_is_refused_naming_the_holder(tmp_path):
 
 
 def test_another_hosts_lock_is_never_taken_over(tmp_path):
-  path = _plant(tmp_path, host="other-host", pid=1)
+  path = plant_lock(tmp_path, host="other-host", pid=1)
   with pytest.raises(locks.Locked, match=rf"pid 1 on host other-host.*If "
                      rf"that process no longer runs on other-host, remove "
                      rf"{path}"):
@@ -65,7 +52,7 @@ def test_lock_of_a_dead_pid_reused_later_is_taken_over(tmp_path, capsys):
   start = locks.pid_start(os.getpid())
   if start is None:
     pytest.skip("no /proc/<pid>/stat: start times unknown")
-  path = _plant(tmp_path, pid=os.getpid(), pid_start=start - 1)
+  path = plant_lock(tmp_path, pid=os.getpid(), pid_start=start - 1)
   with locks.hold(tmp_path, "training"):
     assert json.load(open(path))["pid_start"] == start
   assert (f"took over the lock {path} of training (pid {os.getpid()} on host "
@@ -85,7 +72,7 @@ def test_released_on_exception_and_reentrant(tmp_path):
 
 
 def test_trainer_refused_before_writing_anything(tmp_path):
-  _plant(tmp_path / "run")
+  plant_lock(tmp_path / "run")
   with pytest.raises(locks.Locked, match=f"pid {os.getppid()}"):
     train.train_and_evaluate(tiny_config(), str(tmp_path / "run"),
                              FakeGroups(8, 16))
