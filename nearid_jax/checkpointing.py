@@ -10,6 +10,7 @@ it is used. A reader (read_only: NearID.load, eval, export) changes nothing:
 a save in flight keeps its temporary directory, and an unreadable checkpoint
 is skipped for the one before it and left in place.
 """
+import logging
 import os
 import shutil
 
@@ -27,15 +28,20 @@ def manager(workdir, keep=3, async_save=True, read_only=False):
   deletion, no temporary directory cleaned up (another process may be
   writing them)."""
   path = os.path.join(os.path.abspath(workdir), "checkpoints")
-  if read_only:
-    options = ocp.CheckpointManagerOptions(
-        read_only=True, create=False, save_interval_steps=0,
-        enable_async_checkpointing=False)
-  else:
-    options = ocp.CheckpointManagerOptions(
+  if not read_only:
+    return ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, cleanup_tmp_directories=True,
-        enable_async_checkpointing=async_save)
-  return ocp.CheckpointManager(path, options=options)
+        enable_async_checkpointing=async_save))
+  # orbax warns on every read-only manager that it is read-only: as asked.
+  absl_log = logging.getLogger("absl")
+  level = absl_log.level
+  absl_log.setLevel(logging.ERROR)
+  try:
+    return ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(
+        read_only=True, create=False, save_interval_steps=0,
+        enable_async_checkpointing=False))
+  finally:
+    absl_log.setLevel(level)
 
 
 def save(mngr, step, state, data_iter=None, force=False):
