@@ -54,7 +54,7 @@ def writer_lock(directory, what):
     if jax.process_index() == 0:
       try:
         stack.enter_context(locks.hold(directory, what))
-      except locks.Locked as e:
+      except (locks.Locked, OSError) as e:  # others must not wait for it
         refused = e
     if jax.process_count() > 1:
       taken = multihost_utils.broadcast_one_to_all(np.int32(refused is None))
