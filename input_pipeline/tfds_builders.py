@@ -45,11 +45,13 @@ its view exists is kept blank and counted per split and source
 import bisect
 import contextlib
 import dataclasses
+import glob
 import hashlib
 import io
 import json
 import logging
 import os
+import shutil
 
 from absl import logging as absl_logging
 import numpy as np
@@ -57,6 +59,7 @@ from PIL import Image
 import tensorflow_datasets as tfds
 
 from input_pipeline import hf_format
+from input_pipeline import locks
 from input_pipeline import splits as splits_lib
 
 SOURCES = ("Flux", "Flux_1024", "FluxC", "FluxC_1024", "PowerPaint", "Qwen",
@@ -66,6 +69,7 @@ MTG_FOLDER = "mtg-dataset"
 SPLITS = "splits"
 VIEWS = 3
 DISTRACTORS = tuple(f"nimg{k + 1}" for k in range(VIEWS))
+_INCOMPLETE = "incomplete."  # TFDS's prefix of a build in progress
 _BYTES = lambda n: tfds.features.Tensor(shape=(n,), dtype=np.object_)
 
 
@@ -467,8 +471,10 @@ def prepare(cfg, log=print):
   cfg.mtg_repeat > 0. Every input is checked (schemas, row alignment, split
   files, earlier builds' fingerprints) before anything is built. An earlier
   build from the same inputs is reused; one from other inputs stops the
-  prepare naming what changed, unless cfg.rebuild. Logs one line per
-  dataset; returns {name: prepared directory}.
+  prepare naming what changed, unless cfg.rebuild. Holds cfg.data_dir's
+  lock (a second prepare there is refused) and removes the temporary builds
+  an interrupted one left. Logs one line per dataset; returns {name:
+  prepared directory}.
   """
   manual = cfg.manual_dir
   wanted = tuple(cfg.sources) + tuple(cfg.eval_sources)
@@ -487,17 +493,30 @@ def prepare(cfg, log=print):
     builders.append(MTG(data_dir=cfg.data_dir, file_format="array_record",
                         config=MTGConfig(name="default",
                                          skip_corrupt=cfg.skip_corrupt)))
-  plans = [_plan(b, manual, cfg.rebuild) for b in builders]
   out = {}
-  for builder, mode in zip(builders, plans):
-    path = out[builder.name] = os.fspath(builder.data_dir)
-    if mode is None:
-      how = "reused: its inputs are unchanged"
-    else:
-      _build(builder, manual, mode)
-      how = "rebuilt" if mode.overwrite_dataset else "built"
-    log(f"prepared {builder.name}: {path} ({how}{_counts(builder)})")
+  with locks.hold(cfg.data_dir, "prepare", log):
+    _remove_incomplete(cfg.data_dir, log)
+    plans = [_plan(b, manual, cfg.rebuild) for b in builders]
+    for builder, mode in zip(builders, plans):
+      path = out[builder.name] = os.fspath(builder.data_dir)
+      if mode is None:
+        how = "reused: its inputs are unchanged"
+      else:
+        _build(builder, manual, mode)
+        how = "rebuilt" if mode.overwrite_dataset else "built"
+      log(f"prepared {builder.name}: {path} ({how}{_counts(builder)})")
   return out
+
+
+def _remove_incomplete(data_dir, log):
+  """Removes the builds an interrupted prepare left (TFDS writes each into
+  `incomplete.<random>_<version>` beside its version dir, never reused): the
+  lock says no prepare is running."""
+  for path in sorted(glob.glob(os.path.join(data_dir, "*", "*",
+                                            _INCOMPLETE + "*"))):
+    if os.path.isdir(path):
+      shutil.rmtree(path)
+      log(f"removed {path}: the temporary build of an interrupted prepare")
 
 
 def _counts(builder):
@@ -524,7 +543,7 @@ def _prepared(data_dir, name):
   root = os.path.join(data_dir, name)
   found = []
   for dirpath, _, files in sorted(os.walk(root)):
-    if "dataset_info.json" in files and "incomplete." not in dirpath:
+    if "dataset_info.json" in files and _INCOMPLETE not in dirpath:
       found.append((dirpath, tfds.builder_from_directory(dirpath)))
   return found
 

@@ -3,10 +3,14 @@
 Layout: `{workdir}/checkpoints/{step}/{state,data}`. Saves are async and
 atomic: orbax writes `{step}.orbax-checkpoint-tmp-*` and renames it when
 complete, so a crash in the middle of a save leaves only a temporary
-directory, which is never read and is removed at the next start. A latest
-checkpoint that still cannot be read (a disk or copy fault) is reported and
-moved to `{workdir}/checkpoints_unreadable/` and the one before it is used.
+directory, which is never read and is removed at the trainer's next start. A
+latest checkpoint that still cannot be read (a disk or copy fault) is
+reported and moved to `{workdir}/checkpoints_unreadable/` and the one before
+it is used. A reader (read_only: NearID.load, eval, export) changes nothing:
+a save in flight keeps its temporary directory, and an unreadable checkpoint
+is skipped for the one before it and left in place.
 """
+import logging
 import os
 import shutil
 
@@ -19,12 +23,25 @@ import orbax.checkpoint as ocp
 UNREADABLE = "checkpoints_unreadable"
 
 
-def manager(workdir, keep=3, async_save=True):
-  return ocp.CheckpointManager(
-      os.path.join(os.path.abspath(workdir), "checkpoints"),
-      options=ocp.CheckpointManagerOptions(
-          max_to_keep=keep, create=True, cleanup_tmp_directories=True,
-          enable_async_checkpointing=async_save))
+def manager(workdir, keep=3, async_save=True, read_only=False):
+  """The run's checkpoints; read_only: no directory made, no save, no
+  deletion, no temporary directory cleaned up (another process may be
+  writing them)."""
+  path = os.path.join(os.path.abspath(workdir), "checkpoints")
+  if not read_only:
+    return ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, cleanup_tmp_directories=True,
+        enable_async_checkpointing=async_save))
+  # orbax warns on every read-only manager that it is read-only: as asked.
+  absl_log = logging.getLogger("absl")
+  level = absl_log.level
+  absl_log.setLevel(logging.ERROR)
+  try:
+    return ocp.CheckpointManager(path, options=ocp.CheckpointManagerOptions(
+        read_only=True, create=False, save_interval_steps=0,
+        enable_async_checkpointing=False))
+  finally:
+    absl_log.setLevel(level)
 
 
 def save(mngr, step, state, data_iter=None, force=False):
@@ -47,13 +64,15 @@ def _restore_step(mngr, step, state, data_iter, partial=False):
   return mngr.restore(step, args=ocp.args.Composite(**items)).state
 
 
-def restore(mngr, state, data_iter=None, step=None, log=print, partial=False):
+def restore(mngr, state, data_iter=None, step=None, log=print, partial=False,
+            read_only=False):
   """The newest readable (or the given `step`'s) checkpoint into `state`.
 
   `state` gives the structure and shardings; with `partial`, a dict holding
   part of the saved state (e.g. {"params": ..., "step": ...}) restored as
   host arrays. `data_iter` is restored in place. Returns None when there is no checkpoint. Unreadable checkpoints
-  newer than the one restored are set aside (see the module doc); when none
+  newer than the one restored are set aside (see the module doc), or only
+  skipped when read_only (a reader's manager); when none
   can be read, the first error is raised: that is a run of another config,
   not a disk fault, and nothing is moved.
   """
@@ -70,7 +89,9 @@ def restore(mngr, state, data_iter=None, step=None, log=print, partial=False):
           f"({type(e).__name__}: {str(e)[:300]}); trying the one before")
       failed.append((s, e))
       continue
-    if failed:
+    if failed and read_only:
+      log(f"using checkpoint {s}; the newer ones are left in place")
+    elif failed:
       _set_aside(mngr, [f for f, _ in failed], log)
     return restored
   if failed:

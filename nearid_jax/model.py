@@ -4,14 +4,17 @@ Also the two things every layer above shares: the one way to build a model
 from a config (NearID.from_config) and the one tower pass (tower_tokens)
 that training, evaluation and the feature cache run.
 """
+import glob
 import os
+import secrets
 import shutil
-import tempfile
+import socket
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from input_pipeline import locks
 from input_pipeline import preprocess
 from nearid_jax import kernels as kernels_lib
 from nearid_jax import vit
@@ -25,6 +28,7 @@ import nearid_jax.formats as formats
 # Top-level canonical entries that belong to the trainable head.
 HEAD_KEYS = ("MAPHead_0", "proj")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+_EXPORT_TMP = ".export-"
 
 
 def default_scan(arch, scan=None):
@@ -230,7 +234,9 @@ class NearID:
     """Writes a NearID release dir, a SiglipVisionModel dir or a big_vision npz.
 
     The directory appears whole or not at all: it is written beside its
-    destination and renamed into place.
+    destination (`.export-<host>-<pid>-*`) and renamed into place; those an
+    export that died left are removed by the next one. Files and directory
+    get the user's umask.
     """
     if format not in formats.EXPORT_FORMATS:
       raise ValueError(f"unknown export format {format!r}: one of "
@@ -247,7 +253,10 @@ class NearID:
                             "replace it")
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
+    _remove_dead_exports(parent)
+    tmp = os.path.join(parent, f"{_EXPORT_TMP}{socket.gethostname()}-"
+                       f"{os.getpid()}-{secrets.token_hex(4)}")
+    os.mkdir(tmp)  # not mkdtemp (0700): the user's umask
     try:
       flat = self.flat_params()
       if format == "big_vision":
@@ -258,6 +267,7 @@ class NearID:
                        scanned=self.scan, two_tower=False)
       else:
         hf.save(tmp, flat, self.arch, format, dtype, self.resize)
+      _follow_umask(tmp)
       # The old export is moved aside, not deleted, until the new one is in.
       old = tmp + ".old"
       if os.path.exists(out_dir):
@@ -268,6 +278,26 @@ class NearID:
         if os.path.exists(path):
           shutil.rmtree(path)
     return out_dir
+
+
+def _remove_dead_exports(parent):
+  """Removes the temporary dirs of exports whose process no longer runs."""
+  for path in glob.glob(os.path.join(parent, _EXPORT_TMP + "*")):
+    try:
+      host, pid, _ = os.path.basename(path)[len(_EXPORT_TMP):].rsplit("-", 2)
+      pid = int(pid)
+    except ValueError:
+      continue  # not named by export
+    if not locks.running(host, pid):
+      shutil.rmtree(path)
+
+
+def _follow_umask(directory):
+  """Gives the files the user's umask: safetensors writes them 0600."""
+  umask = os.umask(0)
+  os.umask(umask)
+  for name in os.listdir(directory):
+    os.chmod(os.path.join(directory, name), 0o666 & ~umask)
 
 
 def _fresh_projection(arch, out_dim, seed):

@@ -1,7 +1,12 @@
-"""A deterministic, checkpointable stand-in for the grain iterator (unit tests)."""
+"""Deterministic stand-ins for unit tests: the grain iterator (checkpointable),
+the holder of a directory's writer lock."""
 import json
+import os
+import socket
 
 import numpy as np
+
+from input_pipeline import locks
 
 
 class FakeGroups:
@@ -75,3 +80,18 @@ class FakeTokens(FakeGroups):
     if i == self.nan_at:
       tokens[0, 0, 0, 0] = np.nan
     return {"tokens": tokens, **masks}
+
+
+def plant_lock(directory, **holder):
+  """A lock file of `holder` (defaults: this test's parent process, alive
+  on this host, training) -> its path."""
+  os.makedirs(directory, exist_ok=True)
+  pid = holder.get("pid", os.getppid())
+  holder = {"what": "training", "host": socket.gethostname(), "pid": pid,
+            "pid_start": locks.pid_start(pid),
+            "started": "2026-01-02 03:04:05 +0000",
+            "command": "launch.py --mode train", **holder}
+  path = os.path.join(directory, locks.NAME)
+  with open(path, "w") as f:
+    json.dump(holder, f)
+  return path

@@ -4,6 +4,7 @@ the metrics of SPEC §5 applied to those embeddings."""
 import io
 import json
 import os
+import shutil
 import sys
 
 import jax
@@ -398,7 +399,11 @@ def test_train_then_standalone_report(data, towers, tmp_path):
   assert evals[0]["eval/nearid/pa"] == evals[0]["baseline/nearid/pa"]
 
   out = str(tmp_path / "eval")
+  # A save in flight (a run still writing the workdir) is left alone.
+  in_flight = os.path.join(wd, "checkpoints", "4.orbax-checkpoint-tmp-99")
+  shutil.copytree(os.path.join(wd, "checkpoints", "2"), in_flight)
   rep = evaluate.run(config, wd, out)
+  assert os.path.isdir(os.path.join(in_flight, "state"))
   for f in ("report.json", "report.md", "similarity_hist.png",
             "kernel_pca.png", "training_curve.png"):
     assert os.path.getsize(os.path.join(out, f)) > 0, f

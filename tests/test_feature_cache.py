@@ -16,8 +16,10 @@ from PIL import Image
 import pytest
 
 from configs.common import training_config
+from fake_data import plant_lock
 import input_pipeline
 from input_pipeline import hf_format
+from input_pipeline import locks
 from input_pipeline import splits as splits_lib
 from input_pipeline import synthetic
 from nearid_jax.training import feature_cache
@@ -405,6 +407,15 @@ def test_truncated_shard_is_named_and_rebuilt(data, tmp_path):
       rf"feature cache {re.escape(str(out))}: damaged \({named}\): "
       r"rebuilding it$", said[0]), said
   assert shard.read_bytes() == whole
+
+
+def test_second_cache_writer_is_refused(data, tmp_path):
+  config, _, _, model, _ = data
+  lock = plant_lock(tmp_path, what="feature cache writing")
+  with pytest.raises(locks.Locked, match=rf"in use by feature cache writing "
+                     rf"\(pid {os.getppid()} .*lock file {lock}"):
+    feature_cache.write(config, str(tmp_path), model=model)
+  assert os.listdir(tmp_path) == [locks.NAME]
 
 
 def test_not_a_cache_is_named(tmp_path, data):

@@ -10,7 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 import tensorflow_datasets as tfds
 
+from fake_data import plant_lock
 import input_pipeline
+from input_pipeline import locks
 from input_pipeline import splits as splits_lib
 from input_pipeline import synthetic
 from input_pipeline import tfds_builders
@@ -135,6 +137,33 @@ def test_a_subset_of_prepared_sources_is_found(built):
   assert os.fspath(builder.data_dir) == prepared["nearid"]
   with pytest.raises(input_pipeline.DataError, match="'SDXL'"):
     tfds_builders.load_nearid(cfg, ("Qwen", "SDXL"))
+
+
+def test_interrupted_prepare_leftovers_removed_and_second_prepare_refused(
+    built):
+  """A build TFDS left half written (`incomplete.*` beside its version dir,
+  after a kill) is removed by the next prepare; a prepare running elsewhere
+  in the data dir refuses this one."""
+  _, cfg, prepared = built
+  version = prepared["nearid"]
+  leftover = os.path.join(os.path.dirname(version),
+                          "incomplete.AB12CD_" + os.path.basename(version))
+  os.makedirs(os.path.join(leftover, "nearid-train.array_record-00000"))
+  lines = []
+  assert input_pipeline.prepare(cfg, log=lines.append) == prepared
+  assert not os.path.exists(leftover)
+  assert lines[0] == (f"removed {leftover}: the temporary build of an "
+                      "interrupted prepare")
+  assert "reused" in lines[1]
+  assert not os.path.exists(os.path.join(cfg.data_dir, locks.NAME))
+
+  lock = plant_lock(cfg.data_dir, what="prepare")
+  try:
+    with pytest.raises(locks.Locked, match=rf"in use by prepare \(pid "
+                       rf"{os.getppid()} .*lock file {lock}"):
+      input_pipeline.prepare(cfg)
+  finally:
+    os.remove(lock)
 
 
 # --- bad input ---------------------------------------------------------------

@@ -71,12 +71,15 @@ def pretrained_tower(config, workdir):
   else:
     _log(f"pretraining the {config.model.variant}@{arch.image_size} tower "
          f"for {p.total_steps} steps (once; saved as {path})")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    _, history = tower_pretrain.make(path, arch, p, config.seed,
-                                     config.model.resize, log=_log,
-                                     kernels=config.model.kernels)
-    with open(recipe_path, "w") as f:
-      json.dump({**recipe, "history": history}, f, indent=2)
+    # Written into the workdir: as its writer (train, cache, eval modes
+    # come here too).
+    with workdir_lib.writer_lock(workdir, "tower pretraining"):
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      _, history = tower_pretrain.make(path, arch, p, config.seed,
+                                       config.model.resize, log=_log,
+                                       kernels=config.model.kernels)
+      with open(recipe_path, "w") as f:
+        json.dump({**recipe, "history": history}, f, indent=2)
   config.model.init = path
   return path
 
@@ -114,6 +117,13 @@ def _verify_exports(model, workdir, config, images):
 
 
 def run(config, workdir):
+  """All the steps above; a second demo or trainer of the workdir is refused
+  at once, naming this one (workdir_lib.writer_lock)."""
+  with workdir_lib.writer_lock(workdir, "demo"):
+    return _run(config, workdir)
+
+
+def _run(config, workdir):
   t0 = time.time()
   seconds = {}
 

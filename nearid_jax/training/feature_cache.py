@@ -79,6 +79,7 @@ from input_pipeline import groups
 from input_pipeline import tfds_builders
 from nearid_jax import sharding
 from nearid_jax import vit
+from nearid_jax import workdir as workdir_lib
 from nearid_jax.model import HEAD_KEYS
 from nearid_jax.model import NearID
 from nearid_jax.model import tower_tokens
@@ -308,7 +309,8 @@ def write(config, out_dir, *, model=None, mesh=None, batch_size=None,
   when input.mtg_repeat > 0 (once, whatever the repeat). Every process calls
   this (multi-host): process p decodes and writes its contiguous share of
   the rows; each forward is one jit over the mesh, images split over the
-  batch axes, the tower placed as training places it.
+  batch axes, the tower placed as training places it. A second writer of
+  out_dir is refused at once, naming the first (workdir_lib.writer_lock).
 
   Args:
     config: a training config (model.*, input.*, mesh).
@@ -325,6 +327,12 @@ def write(config, out_dir, *, model=None, mesh=None, batch_size=None,
   Returns:
     The cache's metadata (a dict, as metadata.json).
   """
+  with workdir_lib.writer_lock(out_dir, "feature cache writing"):
+    return _write(config, out_dir, model, mesh, batch_size, overwrite, log)
+
+
+def _write(config, out_dir, model, mesh, batch_size, overwrite, log):
+  """write, holding out_dir's lock."""
   cfg = config.input
   model = _load_model(config, model)
   mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh

@@ -21,6 +21,7 @@ from nearid_jax import losses
 from nearid_jax import optim
 from nearid_jax import sharding
 from nearid_jax import vit
+from nearid_jax import workdir as workdir_lib
 from nearid_jax.evaluators import evaluate as evaluate_lib
 from nearid_jax.model import NearID
 from nearid_jax.model import resolve_resize
@@ -167,9 +168,16 @@ def train_and_evaluate(config, workdir, data_iter=None, evaluate=None):
     run at step 0, every `eval_every` steps and at the end; by default
     evaluate.make_evaluator's NearID/MTG scores, baseline beside trained.
   Returns the final TrainState and the NearID model holding the trained head.
+  A second trainer of the same workdir is refused at once, naming the first
+  (workdir_lib.writer_lock): nothing is written before the lock is taken.
   """
   mesh = check_config(config)
-  os.makedirs(workdir, exist_ok=True)
+  with workdir_lib.writer_lock(workdir, "training"):
+    return _train(config, workdir, mesh, data_iter, evaluate)
+
+
+def _train(config, workdir, mesh, data_iter, evaluate):
+  """train_and_evaluate, holding the workdir's lock."""
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
