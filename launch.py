@@ -11,6 +11,8 @@
 """
 import logging
 import os
+import shlex
+import signal
 import sys
 
 from absl import app
@@ -18,7 +20,9 @@ from absl import flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from nearid_jax import signals
 from nearid_jax.cpu import xla_flags
+from nearid_jax.training.preemption import Preempted
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.",
                                           lock_config=True)
@@ -52,6 +56,28 @@ def _quiet_console():
 
 
 def main(argv):
+  """Runs the mode; a stop notice (SIGTERM, Ctrl-C) ends it cleanly: exit 0
+  for SIGTERM, 130 (the shell's Ctrl-C status) for SIGINT outside training,
+  with the command that resumes or redoes it (nearid_jax/signals.py)."""
+  signals.install()  # before anything is read or written
+  rerun = f"run the same command: python {shlex.join(sys.argv)}"
+  try:
+    _run(argv)
+  except signals.Interrupted as e:
+    print(f"--mode {_MODE.value} stopped by {e.name} before it finished; "
+          f"nothing half-written is kept. To finish it, {rerun}", flush=True)
+    return 0 if e.signum == signal.SIGTERM else 130
+  except KeyboardInterrupt:
+    print(f"--mode {_MODE.value} stopped at once by a second Ctrl-C; "
+          f"nothing saved since the last checkpoint. {rerun}", flush=True)
+    return 130
+  except Preempted as e:
+    # A clean stop: the scheduler restarts the same command, which resumes.
+    print(f"{e}: python {shlex.join(sys.argv)}", flush=True)
+  return 0
+
+
+def _run(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config, workdir = _CONFIG.value, _WORKDIR.value
@@ -70,19 +96,18 @@ def main(argv):
   import jax  # pylint: disable=g-import-not-at-top
   if _DISTRIBUTED.value:
     jax.distributed.initialize()
+    if jax.process_count() == 1:
+      # JAX's preemption sync service took SIGTERM; with no other process
+      # to agree with, ours is the one to hear it.
+      signals.install([signal.SIGTERM])
   # Imported after flag parsing so that --help stays fast.
   from nearid_jax import tasks  # pylint: disable=g-import-not-at-top
-  from nearid_jax.training.preemption import Preempted  # pylint: disable=g-import-not-at-top
-  try:
-    if _MODE.value == "sweep":
-      tasks.sweep(config,
-                  config_flags.get_config_filename(flags.FLAGS["config"]),
-                  workdir)
-    else:
-      tasks.MODES[_MODE.value](config, workdir)
-  except Preempted as e:
-    # A clean stop: the scheduler restarts the same command, which resumes.
-    print(e, flush=True)
+  if _MODE.value == "sweep":
+    tasks.sweep(config,
+                config_flags.get_config_filename(flags.FLAGS["config"]),
+                workdir)
+  else:
+    tasks.MODES[_MODE.value](config, workdir)
 
 
 if __name__ == "__main__":

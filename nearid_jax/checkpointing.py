@@ -4,15 +4,18 @@ Layout: `{workdir}/checkpoints/{step}/{state,data}`. Saves are async and
 atomic: orbax writes `{step}.orbax-checkpoint-tmp-*` and renames it when
 complete, so a crash in the middle of a save leaves only a temporary
 directory, which is never read and is removed at the trainer's next start. A
+read that fails is tried again (a transient fault of a network disk); a
 latest checkpoint that still cannot be read (a disk or copy fault) is
-reported and moved to `{workdir}/checkpoints_unreadable/` and the one before
-it is used. A reader (read_only: NearID.load, eval, export) changes nothing:
-a save in flight keeps its temporary directory, and an unreadable checkpoint
-is skipped for the one before it and left in place.
+reported and moved to `{workdir}/checkpoints_unreadable/{step}` (`{step}.1`,
+`{step}.2`, ... when that step was set aside before: nothing there is ever
+deleted), and the one before it is used. A reader (read_only: NearID.load,
+eval, export) changes nothing: a save in flight keeps its temporary
+directory, and an unreadable checkpoint is skipped for the one before it and
+left in place.
 """
 import logging
 import os
-import shutil
+import time
 
 import grain
 import jax
@@ -21,6 +24,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 UNREADABLE = "checkpoints_unreadable"
+# Seconds before the 2nd and the 3rd read of a checkpoint that failed.
+RETRY_DELAYS = (1.0, 2.0)
 
 
 def manager(workdir, keep=3, async_save=True, read_only=False):
@@ -64,25 +69,42 @@ def _restore_step(mngr, step, state, data_iter, partial=False):
   return mngr.restore(step, args=ocp.args.Composite(**items)).state
 
 
+def _restore_retried(mngr, step, state, data_iter, partial, delays, log):
+  """_restore_step, tried again after each of `delays` (seconds)."""
+  for delay in delays:
+    try:
+      return _restore_step(mngr, step, state, data_iter, partial)
+    except Exception as e:  # pylint: disable=broad-except
+      log(f"checkpoint {mngr.directory / str(step)}: read failed "
+          f"({type(e).__name__}: {str(e)[:200]}); trying again in "
+          f"{delay:g}s")
+    time.sleep(delay)
+  return _restore_step(mngr, step, state, data_iter, partial)
+
+
 def restore(mngr, state, data_iter=None, step=None, log=print, partial=False,
-            read_only=False):
+            read_only=False, retry_delays=None):
   """The newest readable (or the given `step`'s) checkpoint into `state`.
 
   `state` gives the structure and shardings; with `partial`, a dict holding
   part of the saved state (e.g. {"params": ..., "step": ...}) restored as
-  host arrays. `data_iter` is restored in place. Returns None when there is no checkpoint. Unreadable checkpoints
-  newer than the one restored are set aside (see the module doc), or only
-  skipped when read_only (a reader's manager); when none
-  can be read, the first error is raised: that is a run of another config,
-  not a disk fault, and nothing is moved.
+  host arrays. `data_iter` is restored in place. Returns None when there
+  is no checkpoint. A failed read is tried again after each of
+  `retry_delays` (seconds; default RETRY_DELAYS). Checkpoints still
+  unreadable and newer than the one restored are set aside (see the module
+  doc), or only skipped when read_only (a reader's manager); when none can
+  be read, the first error is raised: that is a run of another config, not a
+  disk fault, and nothing is moved.
   """
   if step is not None:
     return _restore_step(mngr, step, state, data_iter, partial)
   steps = sorted(mngr.all_steps(), reverse=True)
+  delays = RETRY_DELAYS if retry_delays is None else retry_delays
   failed = []
   for s in steps:
     try:
-      restored = _restore_step(mngr, s, state, data_iter, partial)
+      restored = _restore_retried(mngr, s, state, data_iter, partial,
+                                  delays, log)
     except Exception as e:  # pylint: disable=broad-except
       # orbax, tensorstore and grain each raise their own types here.
       log(f"checkpoint {mngr.directory / str(s)} cannot be restored "
@@ -108,9 +130,10 @@ def _set_aside(mngr, steps, log):
   if jax.process_index() == 0:
     os.makedirs(root, exist_ok=True)
     for s in steps:
-      dest = os.path.join(root, str(s))
-      if os.path.exists(dest):
-        shutil.rmtree(dest)
+      dest, n = os.path.join(root, str(s)), 0
+      while os.path.exists(dest):  # set aside before: keep both
+        n += 1
+        dest = os.path.join(root, f"{s}.{n}")
       os.replace(os.path.join(str(mngr.directory), str(s)), dest)
       log(f"moved unreadable checkpoint {s} to {dest}")
   if jax.process_count() > 1:

@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -113,23 +114,69 @@ def test_modes_on_the_demo_workdir(demo_run, tmp_path):
   assert "resumed from step 4" in out.stdout + out.stderr
 
 
-def test_sigterm_to_launch_saves_and_exits_0(demo_run, tmp_path):
-  workdir, _ = demo_run
-  p = subprocess.Popen(
+def _start(workdir, *args):
+  return subprocess.Popen(
       [sys.executable, "launch.py", "--config", "configs/demo.py",
-       "--workdir", str(tmp_path / "run"), "--mode=train", *SHORT,
-       *shared_data(workdir), "--config.total_steps=100000", "--config.log_every=1",
-       "--config.ckpt_every=100000", "--config.eval_every=0"],
+       "--workdir", str(workdir), *args],
       cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _signal_after(p, text, signum):
+  """Sends `signum` once the process printed a line holding `text`."""
   for line in p.stdout:
-    if "step 2/100000" in line:
+    if text in line:
       break
-  p.send_signal(signal.SIGTERM)
-  out = p.communicate(timeout=300)[0]
+  p.send_signal(signum)
+  return p.communicate(timeout=300)[0]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT],
+                         ids=["sigterm", "sigint"])
+def test_sigterm_to_launch_saves_and_exits_0(demo_run, tmp_path, signum):
+  workdir, _ = demo_run
+  p = _start(tmp_path / "run", "--mode=train", *SHORT, *shared_data(workdir),
+             "--config.total_steps=100000", "--config.log_every=1",
+             "--config.ckpt_every=100000", "--config.eval_every=0")
+  out = _signal_after(p, "step 2/100000", signum)
   assert p.returncode == 0, out[-3000:]
   step = int(re.search(r"preempted: checkpoint saved at step (\d+)",
                        out).group(1))
   assert os.listdir(tmp_path / "run" / "checkpoints") == [str(step)]
+  assert "to resume: python launch.py --config configs/demo.py" in out
+
+
+@pytest.mark.parametrize("mode,signum,status", [
+    ("eval", signal.SIGTERM, 0),
+    ("cache", signal.SIGINT, 130),  # the shell's status for Ctrl-C
+])
+def test_notice_outside_training_stops_cleanly(demo_run, tmp_path, mode,
+                                               signum, status):
+  workdir, _ = demo_run
+  run, cache = tmp_path / "run", tmp_path / "cache"
+  run.mkdir()
+  for f in ("checkpoints", "config.json"):  # a trained workdir to evaluate
+    (shutil.copytree if f == "checkpoints" else shutil.copy)(
+        workdir / f, run / f)
+  flags = [f"--mode={mode}", *SHORT, *shared_data(workdir)]
+  if mode == "cache":
+    flags.append(f"--config.input.feature_cache={cache}")
+  # --verbosity=0: TFDS's INFO line says the data is being read.
+  p = _start(run, *flags, "--verbosity=0")
+  out = _signal_after(p, "Load dataset info from", signum)
+  assert p.returncode == status, out[-3000:]
+  name = signal.Signals(signum).name
+  assert f"--mode {mode} stopped by {name} before it finished" in out
+  assert "To finish it, run the same command: python launch.py" in out
+  assert "Traceback" not in out
+  # nothing half-written: no report, a cache without its seal
+  assert not (run / "eval" / "report.json").exists()
+  assert not (cache / "metadata.json").exists()
+  p = _start(run, *flags)  # the rerun finishes
+  out = p.communicate(timeout=600)[0]
+  assert p.returncode == 0, out[-3000:]
+  done = run / "eval" / "report.json" if mode == "eval" else (
+      cache / "metadata.json")
+  assert done.exists()
 
 
 def test_cache_mode_then_training_on_the_cache(demo_run, tmp_path):

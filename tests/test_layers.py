@@ -19,7 +19,7 @@ LAYERS = [
               "nearid_jax.retrieval", "nearid_jax.sharding",
               "nearid_jax.optim", "nearid_jax.checkpointing",
               "nearid_jax.workdir", "nearid_jax.formats", "nearid_jax.cpu",
-              "nearid_jax.kernels")),
+              "nearid_jax.kernels", "nearid_jax.signals")),
     ("model", ("nearid_jax.model", "nearid_jax")),
     ("evaluators", ("nearid_jax.evaluators",)),
     ("training", ("nearid_jax.training",)),

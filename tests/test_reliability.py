@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import signal
+import time
 
 import jax
 import numpy as np
@@ -29,6 +30,12 @@ from workers import free_port
 pytestmark = pytest.mark.slow
 
 TOKENS, WIDTH = 4, 64  # pico/8 at 16 px
+
+
+@pytest.fixture(autouse=True)
+def _no_retry_wait(monkeypatch):
+  """Unreadable checkpoints here are truncated files: retrying is moot."""
+  monkeypatch.setattr(checkpointing, "RETRY_DELAYS", (0.0, 0.0))
 
 
 def _read_until(proc, text, timeout_lines=5000):
@@ -59,12 +66,17 @@ def _train(tmp_path, name, *opts):
                f"workdir={tmp_path / name}", *opts)
 
 
-def test_sigterm_checkpoints_the_next_step_and_exits_0(tmp_path):
+@pytest.mark.parametrize("signum,launch", [
+    (signal.SIGTERM, False),  # the loop's own handler (a library call)
+    (signal.SIGINT, True),  # handlers from the start, as launch.py's
+], ids=["sigterm", "sigint"])
+def test_sigterm_checkpoints_the_next_step_and_exits_0(tmp_path, signum,
+                                                       launch):
   run = tmp_path / "run"
   p = _train(tmp_path, "run", "total_steps=1000", "ckpt_every=1000",
-             "delay=0.05")
+             "delay=0.05", f"launch={int(launch)}")
   _read_until(p, "step 3/1000")
-  p.send_signal(signal.SIGTERM)
+  p.send_signal(signum)
   (out,) = wait([p])  # exit status 0
   stop = int(re.search(r"preempted at step (\d+)", out).group(1))
   assert 3 <= stop < 1000
@@ -77,6 +89,44 @@ def test_sigterm_checkpoints_the_next_step_and_exits_0(tmp_path):
                         "ckpt_every=1000")])
   assert f"resumed from step {stop}" in out
   assert _steps_logged(run) == list(range(1, stop + 3))
+
+
+def test_second_ctrl_c_stops_at_once_without_saving(tmp_path):
+  # 5 s per batch: both notices come while the loop waits for step 3's.
+  p = _train(tmp_path, "run", "total_steps=1000", "ckpt_every=1000",
+             "delay=5", "launch=1")
+  _read_until(p, "step 2/1000")
+  p.send_signal(signal.SIGINT)
+  time.sleep(1)  # two notices, not one: Python would merge them
+  p.send_signal(signal.SIGINT)
+  out = p.communicate(timeout=300)[0]
+  assert p.returncode != 0 and "KeyboardInterrupt" in out, out[-3000:]
+  assert "preempted" not in out
+  assert not list(checkpointing.manager(tmp_path / "run").all_steps())
+
+
+def test_notice_in_an_evaluation(tmp_path):
+  run = tmp_path / "run"
+  opts = ("total_steps=1000", "ckpt_every=1000", "eval_every=2",
+          "eval_delay=3", "launch=1")
+  # The step-0 evaluation (before the loop): it stops, nothing is saved.
+  p = _train(tmp_path, "run", *opts)
+  _read_until(p, "evaluating step 0")
+  p.send_signal(signal.SIGTERM)
+  (out,) = wait([p])
+  assert "process 0: stopped by SIGTERM" in out
+  assert "evaluating step 1" not in out and "step 1/1000" not in out
+  assert not list(checkpointing.manager(run).all_steps())
+  # An evaluation in the loop finishes; the step after it is saved.
+  p = _train(tmp_path, "run", *opts)
+  _read_until(p, "evaluating step 2")
+  p.send_signal(signal.SIGTERM)
+  (out,) = wait([p])
+  assert "process 0: preempted at step 3" in out
+  assert list(checkpointing.manager(run).all_steps()) == [3]
+  rows = [json.loads(l) for l in open(run / "metrics.jsonl")]
+  assert [r["step"] for r in rows if "eval/step" in r] == [0, 2]
+  assert _steps_logged(run)[-1] == 3
 
 
 def test_kill_9_then_restart_equals_the_uninterrupted_run(tmp_path):
@@ -96,14 +146,16 @@ def test_kill_9_then_restart_equals_the_uninterrupted_run(tmp_path):
   assert _steps_logged(tmp_path / "cut") == list(range(1, 15)), kill_at
 
 
-def test_every_process_stops_at_the_same_step(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT],
+                         ids=["sigterm", "sigint"])
+def test_every_process_stops_at_the_same_step(tmp_path, signum):
   run = tmp_path / "run"
   port = free_port()
   procs = [start(str(tmp_path / "out.npz"), i, 2, port, 2, "mode=train",
                  f"workdir={run}", "total_steps=1000", "ckpt_every=1000",
                  "delay=0.05") for i in range(2)]
   head = _read_until(procs[0], "step 3/1000")
-  procs[1].send_signal(signal.SIGTERM)  # only one host hears the notice
+  procs[1].send_signal(signum)  # only one host hears the notice
   outs = wait(procs)
   stops = [int(re.search(rf"process {i}: preempted at step (\d+)",
                          out).group(1)) for i, out in enumerate(outs)]

@@ -5,9 +5,13 @@ usage: train_worker.py OUT PROCESS_ID NUM_PROCESSES PORT DEVICES [KEY=VALUE...]
   mode=train        train_and_evaluate into workdir=DIR (test_reliability)
   total_steps=N ckpt_every=N delay=SECONDS (per batch, so that a signal can
   be sent at a known step)
+  launch=1          the signal handlers from the start, as launch.py has them
+  eval_every=N eval_delay=SECONDS  an evaluation that prints "evaluating
+  step N" and takes SECONDS
 Writes the final head parameters to OUT (.npz) on process 0. A preemption
 stops with exit status 0 and "preempted at step N" on every process, as
-launch.py does.
+launch.py does; a notice outside the loop with "stopped by SIGTERM" (or
+SIGINT).
 """
 import os
 import sys
@@ -25,6 +29,11 @@ xla_flags.add_defaults()  # as launch.py: before JAX starts its backend
 
 import jax  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
+
+from nearid_jax import signals  # pylint: disable=g-import-not-at-top
+
+if opts.get("launch"):
+  signals.install()
 
 if int(nproc) > 1:
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -45,8 +54,15 @@ class SlowGroups(FakeGroups):
     return super().__next__()
 
 
+def evaluate(model, step):
+  del model
+  print(f"evaluating step {step}", flush=True)
+  time.sleep(float(opts.get("eval_delay", 0)))
+  return {"eval/step": step}
+
+
 config = tiny_config()
-for key in ("total_steps", "ckpt_every"):
+for key in ("total_steps", "ckpt_every", "eval_every"):
   if key in opts:
     config[key] = int(opts[key])
 data = SlowGroups(config.input.batch_size, config.model.res,
@@ -59,10 +75,14 @@ if opts.get("mode", "steps") == "steps":
     state, _ = step(frozen, state, sharding.global_batch(next(data), mesh))
 else:
   try:
-    state, _ = train.train_and_evaluate(config, opts["workdir"], data)
+    state, _ = train.train_and_evaluate(config, opts["workdir"], data,
+                                        evaluate=evaluate)
   except Preempted as e:
     print(f"process {jax.process_index()}: preempted at step {e.step}",
           flush=True)
+    sys.exit(0)
+  except signals.Interrupted as e:
+    print(f"process {jax.process_index()}: {e}", flush=True)
     sys.exit(0)
 params = jax.device_get(state.params)  # replicated: every process has it all
 if jax.process_index() == 0:

@@ -22,6 +22,7 @@ import numpy as np
 
 import input_pipeline
 from input_pipeline import synthetic
+from nearid_jax import signals
 from nearid_jax import vit
 from nearid_jax import workdir as workdir_lib
 from nearid_jax.demo import tower_pretrain
@@ -37,9 +38,11 @@ def _log(msg):
 def _data(config, workdir):
   inp = config.input
   if not os.path.isdir(os.path.join(inp.manual_dir, "NearID")):
-    synthetic.generate(inp.manual_dir, config.demo.identities,
-                       config.demo.image_res, config.seed,
-                       tuple(inp.eval_sources), mtg=config.demo.mtg_rows)
+    # Whole or not at all: the folder's presence says the data is there.
+    with signals.deferred():
+      synthetic.generate(inp.manual_dir, config.demo.identities,
+                         config.demo.image_res, config.seed,
+                         tuple(inp.eval_sources), mtg=config.demo.mtg_rows)
     _log(f"generated {config.demo.identities} identities, "
          f"{config.demo.mtg_rows} MTG rows: {inp.manual_dir}")
   input_pipeline.prepare(inp, log=_log)
@@ -78,7 +81,7 @@ def pretrained_tower(config, workdir):
       _, history = tower_pretrain.make(path, arch, p, config.seed,
                                        config.model.resize, log=_log,
                                        kernels=config.model.kernels)
-      with open(recipe_path, "w") as f:
+      with signals.deferred(), open(recipe_path, "w") as f:
         json.dump({**recipe, "history": history}, f, indent=2)
   config.model.init = path
   return path
@@ -164,7 +167,7 @@ def _run(config, workdir):
       "exports": exports, "report": report_dir,
       "devices": [str(d) for d in jax.devices()],
   }
-  with open(os.path.join(workdir, "demo.json"), "w") as f:
+  with signals.deferred(), open(os.path.join(workdir, "demo.json"), "w") as f:
     json.dump(summary, f, indent=2)
   _log(f"NearID SSR on held-out identities: {summary['ssr_step0']:.3f} at "
        f"step 0 (frozen baseline) -> {summary['ssr_final']:.3f} at step "

@@ -16,6 +16,7 @@ import time
 import jax
 
 from nearid_jax import sharding
+from nearid_jax import signals
 from nearid_jax import workdir as workdir_lib
 from nearid_jax.evaluators import embed as embed_lib
 from nearid_jax.evaluators import mtg as mtg_lib
@@ -150,6 +151,7 @@ def run(config, path, out_dir, baseline=None, split=None):
           "rows": int(len(emb.index)), "arch": dataclasses.asdict(model.arch),
           "embedding_width": emb.width}
   curve = os.path.join(path, "metrics.jsonl")
-  return report.write(out_dir, meta, scores, emb,
-                      curve if os.path.isfile(curve) else None)
+  with signals.deferred():  # the report's files together, never half of them
+    return report.write(out_dir, meta, scores, emb,
+                        curve if os.path.isfile(curve) else None)
 
