@@ -25,6 +25,7 @@ from nearid_jax.evaluators import evaluate as evaluate_lib
 from nearid_jax.model import NearID
 from nearid_jax.model import resolve_resize
 from nearid_jax.model import tower_tokens
+from nearid_jax.training import config_drift
 from nearid_jax.training import feature_cache
 from nearid_jax.training import preemption
 from nearid_jax.training.metric_writer import MetricWriter
@@ -170,9 +171,9 @@ def train_and_evaluate(config, workdir, data_iter=None, evaluate=None):
   """
   mesh = check_config(config)
   os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+  mngr = checkpointing.manager(workdir, config.keep_ckpts)
+  # Before any compute: a resume that would mix two runs is refused.
+  saved_config = config_drift.check_and_record(config, workdir, mngr, _log)
 
   # --- model and state
   model, frozen, state, train_step = setup(config, mesh)
@@ -191,7 +192,6 @@ def train_and_evaluate(config, workdir, data_iter=None, evaluate=None):
         config.input, jax.process_index(), jax.process_count())
 
   # --- checkpoints: resume from the newest readable one
-  mngr = checkpointing.manager(workdir, config.keep_ckpts)
   restored = checkpointing.restore(mngr, state, data_iter, log=_log)
   if restored is not None:
     state = restored
@@ -254,7 +254,8 @@ def train_and_evaluate(config, workdir, data_iter=None, evaluate=None):
           t0, last = time.time(), step
 
         if save:
-          checkpointing.save(mngr, step, state, data_iter, force=preempted)
+          checkpointing.save(mngr, step, state, data_iter, force=preempted,
+                             config=saved_config)
         if preempted:
           mngr.wait_until_finished()
           _log(f"preemption notice: saved step {step}, stopping")
