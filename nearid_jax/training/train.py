@@ -163,6 +163,9 @@ def _log(msg):
 def train_and_evaluate(config, workdir, data_iter=None, evaluate=None):
   """Trains into `workdir`, resuming from its latest checkpoint.
 
+  A resume whose config changes what is trained is refused before any
+  compute (config_drift.ConfigChanged) unless config.resume_with_changes.
+
   data_iter: overrides the input pipeline (an iterator of per-process batches
     with grain's get_state/set_state). evaluate: (model, step) -> scalars,
     run at step 0, every `eval_every` steps and at the end; by default
