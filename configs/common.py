@@ -22,6 +22,13 @@ def training_config():
   # A non-finite loss or gradient: "stop" (naming the step; checkpoints stay
   # before it) or "skip" that update and go on (train/skipped_updates).
   c.on_nonfinite = "stop"
+  # Resuming with changes to fields that change what is trained (model,
+  # data, batch, optimizer, lr, schedule, seed, loss, resolution, ...) is
+  # refused, naming them; True continues the run with the new values
+  # (config.json becomes the new config, the old one is kept as
+  # config.<UTC time>.json). nearid_jax/training/config_drift.py lists the
+  # fields that may always change (cadence, eval, export, total_steps).
+  c.resume_with_changes = False
 
   c.loss = ml_collections.ConfigDict()
   c.loss.name = "two_tier"      # losses.LOSSES; the other fields its kwargs

@@ -1,7 +1,7 @@
 """Orbax checkpoints of a run: the train state and the data iterator together.
 
-Layout: `{workdir}/checkpoints/{step}/{state,data}`. Saves are async and
-atomic: orbax writes `{step}.orbax-checkpoint-tmp-*` and renames it when
+Layout: `{workdir}/checkpoints/{step}/{state,data,config}`. Saves are async
+and atomic: orbax writes `{step}.orbax-checkpoint-tmp-*` and renames it when
 complete, so a crash in the middle of a save leaves only a temporary
 directory, which is never read and is removed at the trainer's next start. A
 read that fails is tried again (a transient fault of a network disk); a
@@ -49,11 +49,24 @@ def manager(workdir, keep=3, async_save=True, read_only=False):
     absl_log.setLevel(level)
 
 
-def save(mngr, step, state, data_iter=None, force=False):
+def save(mngr, step, state, data_iter=None, force=False, config=None):
+  """config: the run's config as JSON, kept with the step (saved_config)."""
   items = {"state": ocp.args.StandardSave(state)}
   if data_iter is not None:
     items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+  if config is not None:
+    items["config"] = ocp.args.JsonSave(config)
   return mngr.save(step, args=ocp.args.Composite(**items), force=force)
+
+
+def saved_config(mngr, step):
+  """The config (a dict) checkpoint `step` was saved with; None for one
+  saved before configs were kept with checkpoints."""
+  try:
+    return mngr.restore(step, args=ocp.args.Composite(
+        config=ocp.args.JsonRestore())).config
+  except KeyError:  # orbax's "Item "config" was not found in the checkpoint"
+    return None
 
 
 def _restore_step(mngr, step, state, data_iter, partial=False):

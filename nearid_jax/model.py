@@ -199,11 +199,18 @@ class NearID:
 
   @classmethod
   def _from_workdir(cls, workdir):
-    """The workdir's config's model with the head of its newest readable
-    checkpoint."""
-    model = cls.from_config(workdir_lib.read_config(workdir))
+    """The model of the config saved with the workdir's newest readable
+    checkpoint, with that checkpoint's head."""
+    config = workdir_lib.read_config(workdir)
+    model = cls.from_config(config)
     head, model.step = workdir_lib.restore_head(
         workdir, jax.device_get(model.params["head"]))
+    if (workdir_lib.read_config(workdir, model.step).to_dict()
+        != config.to_dict()):  # past an unreadable newest checkpoint
+      raise ValueError(
+          f"{workdir}: checkpoint {model.step}, the newest readable one, was "
+          "trained with another config than the newest (unreadable) one; "
+          "load again once that one is set aside")
     model.params = {"img": model.params["img"], "head": head}
     return model
 

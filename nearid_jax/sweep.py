@@ -8,7 +8,8 @@
     python launch.py --config configs/x.py --workdir runs/x --mode sweep
 
 runs each into runs/x/lr=0.0001,loss.temperature=0.05 and so on, in order,
-skipping runs whose workdir already finished (resume picks up the rest).
+skipping runs whose workdir already finished (resume picks up the rest;
+a resumed run's config is checked as any resume's: config_drift.py).
 """
 import importlib.util
 import os

@@ -18,7 +18,23 @@ def is_workdir(path):
           and os.path.exists(os.path.join(path, "config.json")))
 
 
-def read_config(workdir):
+def read_config(workdir, step=None):
+  """The config the newest checkpoint (or `step`'s) was saved with: an edit
+  of config.json after training changes nothing. config.json for a
+  checkpoint saved before configs were kept with checkpoints. Read-only, as
+  restore_head."""
+  mngr = checkpointing.manager(workdir, read_only=True)
+  steps = sorted(mngr.all_steps(), reverse=True) if step is None else [step]
+  for s in steps:
+    try:
+      saved = checkpointing.saved_config(mngr, s)
+    except Exception:  # pylint: disable=broad-except
+      if step is not None:
+        raise
+      continue  # unreadable: restore_head reports it and reads an older one
+    if saved is None:
+      break
+    return ml_collections.ConfigDict(saved)
   with open(os.path.join(workdir, "config.json")) as f:
     return ml_collections.ConfigDict(json.load(f))
 

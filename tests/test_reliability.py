@@ -16,6 +16,7 @@ import jax
 import numpy as np
 import pytest
 
+import tb_events
 from fake_data import FakeGroups
 from fake_data import FakeTokens
 from nearid_jax import checkpointing
@@ -142,8 +143,11 @@ def test_kill_9_then_restart_equals_the_uninterrupted_run(tmp_path):
   for k in full:  # same programs, same data from the restored iterator
     np.testing.assert_array_equal(cut[k], full[k],
                                   err_msg=f"{k} (killed at step {kill_at})")
-  # rows of the steps redone after the restart appear once
+  # rows of the steps redone after the restart appear once, in TensorBoard
+  # too (the restart hides the events past its checkpoint)
   assert _steps_logged(tmp_path / "cut") == list(range(1, 15)), kill_at
+  shown = tb_events.scalars(str(tmp_path / "cut"))["train/loss"]
+  assert [s for s, _ in shown] == list(range(1, 15)), kill_at
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT],

@@ -3,6 +3,7 @@ import jax
 import numpy as np
 import pytest
 
+import tb_events
 from configs.common import training_config
 from fake_data import FakeGroups
 from input_pipeline import DataError
@@ -135,6 +136,8 @@ def test_resume_gives_the_uninterrupted_result(uninterrupted, tmp_path,
   lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
   assert [__import__("json").loads(l)["step"] for l in lines] == [1, 2, 3, 4,
                                                                   5, 6]
+  shown = tb_events.scalars(str(tmp_path / "cut"))["train/loss"]
+  assert [s for s, _ in shown] == [1, 2, 3, 4, 5, 6]
 
 
 @pytest.mark.parametrize("mesh,batch,match", [

@@ -1,6 +1,7 @@
 """metrics.jsonl and TensorBoard event files in the workdir (process 0 only)."""
 import json
 import os
+import time
 
 import jax
 
@@ -25,7 +26,13 @@ def _drop_rows_after(path, step):
 
 
 class MetricWriter:
-  """resume_step: rows of later steps (lost work, to be redone) are dropped."""
+  """resume_step: rows of later steps (lost work, to be redone) are dropped,
+  and hidden in TensorBoard.
+
+  TensorBoard hides earlier events at or past the step of a SessionLog START
+  event (purge_step), but ignores a run's first START: every writer of a run
+  must write one, a fresh start too (resume_step -1: purge from step 0).
+  """
 
   def __init__(self, workdir, resume_step=None):
     self.enabled = jax.process_index() == 0
@@ -36,7 +43,12 @@ class MetricWriter:
     if resume_step is not None:
       _drop_rows_after(path, resume_step)
     self._jsonl = open(path, "a")
-    self._tb = tensorboardX.SummaryWriter(workdir)
+    # The file name has the time in seconds and is opened "wb": a suffix in
+    # ns keeps a restart within the same second from overwriting the file,
+    # and the files in time order (TensorBoard reads them sorted by name).
+    self._tb = tensorboardX.SummaryWriter(
+        workdir, purge_step=None if resume_step is None else resume_step + 1,
+        filename_suffix=f".{time.time_ns()}")
 
   def write(self, step, scalars):
     if not self.enabled:

@@ -6,7 +6,6 @@ checkpoint/resume, loop. The frozen tower is replicated, or split over an
 state are replicated; the batch is split over every batch axis; the loss
 sees the global batch.
 """
-import os
 import time
 from typing import Any
 
@@ -26,6 +25,7 @@ from nearid_jax.evaluators import evaluate as evaluate_lib
 from nearid_jax.model import NearID
 from nearid_jax.model import resolve_resize
 from nearid_jax.model import tower_tokens
+from nearid_jax.training import config_drift
 from nearid_jax.training import feature_cache
 from nearid_jax.training import preemption
 from nearid_jax.training.metric_writer import MetricWriter
@@ -163,6 +163,9 @@ def _log(msg):
 def train_and_evaluate(config, workdir, data_iter=None, evaluate=None):
   """Trains into `workdir`, resuming from its latest checkpoint.
 
+  A resume whose config changes what is trained is refused before any
+  compute (config_drift.ConfigChanged) unless config.resume_with_changes.
+
   data_iter: overrides the input pipeline (an iterator of per-process batches
     with grain's get_state/set_state). evaluate: (model, step) -> scalars,
     run at step 0, every `eval_every` steps and at the end; by default
@@ -178,9 +181,9 @@ def train_and_evaluate(config, workdir, data_iter=None, evaluate=None):
 
 def _train(config, workdir, mesh, data_iter, evaluate):
   """train_and_evaluate, holding the workdir's lock."""
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+  mngr = checkpointing.manager(workdir, config.keep_ckpts)
+  # Before any compute: a resume that would mix two runs is refused.
+  saved_config = config_drift.check_and_record(config, workdir, mngr, _log)
 
   # --- model and state
   model, frozen, state, train_step = setup(config, mesh)
@@ -199,7 +202,6 @@ def _train(config, workdir, mesh, data_iter, evaluate):
         config.input, jax.process_index(), jax.process_count())
 
   # --- checkpoints: resume from the newest readable one
-  mngr = checkpointing.manager(workdir, config.keep_ckpts)
   restored = checkpointing.restore(mngr, state, data_iter, log=_log)
   if restored is not None:
     state = restored
@@ -262,7 +264,8 @@ def _train(config, workdir, mesh, data_iter, evaluate):
           t0, last = time.time(), step
 
         if save:
-          checkpointing.save(mngr, step, state, data_iter, force=preempted)
+          checkpointing.save(mngr, step, state, data_iter, force=preempted,
+                             config=saved_config)
         if preempted:
           mngr.wait_until_finished()
           _log(f"preemption notice: saved step {step}, stopping")
