@@ -1,7 +1,7 @@
 """The paper recipe R7 (SPEC.md §6): So400m/14@384, batch 128, 3,300 steps.
 
   python launch.py --config configs/nearid_r7.py:/ckpts/siglip2_so400m14_384.npz \
-      --workdir gs://bucket/r7 --config.input.data_dir=gs://bucket/tfds
+      --workdir /mnt/bucket/r7 --config.input.data_dir=/mnt/bucket/tfds
 
 The argument is the SigLIP2 checkpoint (big_vision .npz or HF directory).
 """
