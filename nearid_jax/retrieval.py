@@ -242,13 +242,20 @@ def _screened_topk(queries, gallery, bounds, k, candidates, block, mesh,
       scores = jnp.dot(rows.astype(jnp.bfloat16), q16_t,
                        preferred_element_type=jnp.float32)
       scores = jnp.where(valid[:, None], scores, -jnp.inf)
-      scores = scores.reshape(-1, GROUP, n_q).transpose(2, 0, 1)
-      ids = jnp.broadcast_to(ids[::GROUP], scores.shape[:2])
-      best, pos = jax.lax.top_k(
-          jnp.concatenate([best, jnp.max(scores, -1)], 1), candidates)
-      values = jnp.take_along_axis(jnp.concatenate([values, scores], 1),
-                                   pos[..., None], 1)
-      first = jnp.take_along_axis(jnp.concatenate([first, ids], 1), pos, 1)
+      scores = scores.reshape(-1, GROUP, n_q)
+      group_max = jnp.max(scores, 1).T
+      best, pos = jax.lax.top_k(jnp.concatenate([best, group_max], 1),
+                                candidates)
+      kept = pos < candidates
+      new = jnp.maximum(pos - candidates, 0)
+      # The new groups' scores are read in the dot's layout: no transpose
+      # of the whole block.
+      values = jnp.where(
+          kept[..., None],
+          jnp.take_along_axis(values, jnp.where(kept, pos, 0)[..., None], 1),
+          scores[new, :, jnp.arange(n_q)[:, None]])
+      first = jnp.where(kept, jnp.take_along_axis(first, jnp.where(
+          kept, pos, 0), 1), ids[new * GROUP])
       return best, values, first
 
     return _scan_blocks(g, block, offset, n_valid, step, init, axes)

@@ -124,11 +124,10 @@ def test_screen_certifies_random_data_and_matches_reference():
   np.testing.assert_array_equal(i, want_i)
   # Unit vectors, D = 64: float32 sums are off by < 64 * 2^-24.
   np.testing.assert_allclose(s, want_s, atol=1e-5)
-  for gallery in (g, retrieval.prepare_gallery(g)):
-    s, i = retrieval.topk(q, gallery, 10, block=512)
-    ref_s, ref_i = retrieval.topk(q, g, 10, block=512, candidates=0)
-    np.testing.assert_array_equal(i, ref_i)
-    np.testing.assert_allclose(s, ref_s, atol=1e-5)
+  s, i = retrieval.topk(q, retrieval.prepare_gallery(g), 10, block=512)
+  ref_s, ref_i = retrieval.topk(q, g, 10, block=512, candidates=0)
+  np.testing.assert_array_equal(i, ref_i)
+  np.testing.assert_allclose(s, ref_s, atol=1e-5)
 
 
 def test_screen_margin_bounds_the_bf16_scores():
@@ -193,9 +192,8 @@ def test_topk_unnormalised_zero_and_duplicate_rows():
   assert np.all(np.abs(s - want_s) <= 32 * 2.0 ** -24 * scale)
 
 
-@pytest.mark.parametrize("mesh_axes", [0, 2])
-def test_screen_sharded_matches_numpy(mesh_axes):
-  mesh, axes = meshes()[mesh_axes]
+def test_screen_sharded_matches_numpy():
+  mesh, axes = meshes()[0]
   rng = np.random.default_rng(10)
   q, g = unit_rows(rng, 9, 48), unit_rows(rng, 2003, 48)
   want_s, want_i = np_topk(q, g, 10)
