@@ -10,6 +10,12 @@ are summed).
 
 Ties between equal scores always go to the lower gallery index, the same
 rule as a stable argsort of -score, so results are deterministic.
+
+`topk` is exact but does not score every pair in float32: a bf16 screen
+(about twice the float32 matmul rate) keeps candidates that provably hold
+the float32 top k, and only they are rescored in float32
+(`_screened_topk`); where that proof fails, the reference kernel
+(`_exact_topk`, every pair in float32) runs instead.
 """
 import functools
 from typing import NamedTuple
