@@ -168,8 +168,11 @@ def test_screen_near_ties_fall_back_to_reference():
   _, _, certified = screened(q, g, 10)
   assert not certified.any()
   want_s, want_i = np_topk(q, g, 10)
-  for candidates in (64, 8):  # 8 < k: the reference kernel only
-    s, i = retrieval.topk(q, g, 10, block=128, candidates=candidates)
+  for candidates, mesh in ((64, None), (8, None), (64, meshes()[0][0])):
+    # 8 < k: the reference kernel only; with a mesh the fallback runs
+    # sharded.
+    s, i = retrieval.topk(q, g, 10, block=128, candidates=candidates,
+                          mesh=mesh)
     np.testing.assert_array_equal(i, want_i)
     np.testing.assert_array_equal(s, want_s)
 
@@ -183,6 +186,11 @@ def test_topk_unnormalised_zero_and_duplicate_rows():
   g[600:] = g[100:200]  # equal scores at different ids
   q, g = q.astype(np.float32), g.astype(np.float32)
   want_s, want_i = np_topk(q, g, 20)
+  # The zero query's scores all tie: it cannot be certified, and its batch
+  # runs the reference kernel; the screen alone is right for the others.
+  _, i, certified = screened(q, g, 20, block=64)
+  assert not certified[0] and certified[1:].all()
+  np.testing.assert_array_equal(i[1:], want_i[1:])
   s, i = retrieval.topk(q, g, 20, block=64)
   np.testing.assert_array_equal(i, want_i)
   np.testing.assert_array_equal(i[0], np.arange(20))
