@@ -247,8 +247,10 @@ def _screened_topk(queries, gallery, bounds, k, candidates, block, mesh,
       best, values, first = carry
       scores = jnp.dot(rows.astype(jnp.bfloat16), q16_t,
                        preferred_element_type=jnp.float32)
-      scores = jnp.where(valid[:, None], scores, -jnp.inf)
       scores = scores.reshape(-1, GROUP, n_q)
+      # Invalid rows (padding, or rows of the block before) count in their
+      # group's maximum: it stays an upper bound of its valid rows, all the
+      # selection and the certificate need, and the block is not masked.
       group_max = jnp.max(scores, 1).T
       best, pos = jax.lax.top_k(jnp.concatenate([best, group_max], 1),
                                 candidates)
@@ -256,10 +258,13 @@ def _screened_topk(queries, gallery, bounds, k, candidates, block, mesh,
       new = jnp.maximum(pos - candidates, 0)
       # The new groups' scores are read in the dot's layout: no transpose
       # of the whole block.
+      new_values = jnp.where(valid.reshape(-1, GROUP)[new],
+                             scores[new, :, jnp.arange(n_q)[:, None]],
+                             -jnp.inf)
       values = jnp.where(
           kept[..., None],
           jnp.take_along_axis(values, jnp.where(kept, pos, 0)[..., None], 1),
-          scores[new, :, jnp.arange(n_q)[:, None]])
+          new_values)
       first = jnp.where(kept, jnp.take_along_axis(first, jnp.where(
           kept, pos, 0), 1), ids[new * GROUP])
       return best, values, first
