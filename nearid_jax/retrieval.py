@@ -10,8 +10,15 @@ are summed).
 
 Ties between equal scores always go to the lower gallery index, the same
 rule as a stable argsort of -score, so results are deterministic.
+
+`topk` is exact but does not score every pair in float32: a bf16 screen
+(about twice the float32 matmul rate) keeps candidates that provably hold
+the float32 top k, and only they are rescored in float32
+(`_screened_topk`); where that proof fails, the reference kernel
+(`_exact_topk`, every pair in float32) runs instead.
 """
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -60,8 +67,13 @@ def _n_shards(mesh, axes):
   return 1 if mesh is None else int(np.prod([mesh.shape[a] for a in axes]))
 
 
-def _scan_blocks(queries, gallery, block, offset, n_valid, step, carry, axes):
-  """carry = step(carry, scores (Q, b), ids (b,), valid (b,)) over blocks.
+def _exact_scores(queries, rows):
+  """(Q, b) float32 inner products of the queries with gallery rows."""
+  return jnp.dot(queries, rows.T, precision=HIGHEST)
+
+
+def _scan_blocks(gallery, block, offset, n_valid, step, carry, axes):
+  """carry = step(carry, rows (b, D), ids (b,), valid (b,)) over blocks.
 
   `ids` are global gallery indices (`offset` = first index of this shard);
   rows at or past `n_valid` (padding) are not valid.
@@ -76,11 +88,10 @@ def _scan_blocks(queries, gallery, block, offset, n_valid, step, carry, axes):
     # of the gallery); rows it shares with the block before are masked.
     start = jnp.minimum(i * block, rows - block)
     g = jax.lax.dynamic_slice_in_dim(gallery, start, block)
-    scores = jnp.dot(queries, g.T, precision=HIGHEST)
     local = start + jnp.arange(block, dtype=jnp.int32)
     ids = offset + local
     valid = (local >= i * block) & (ids < n_valid)
-    return step(carry, scores, ids, valid), None
+    return step(carry, g, ids, valid), None
 
   n = -(-rows // block)
   carry, _ = jax.lax.scan(body, carry, jnp.arange(n, dtype=jnp.int32))
@@ -118,22 +129,22 @@ def _merge_topk(scores, ids, k):
   return scores, jnp.take_along_axis(ids, pos, axis=1)
 
 
-@xla_flags.jit_ynn_dots(static_argnames=("k", "block", "mesh", "axes"))
-def _topk(queries, gallery, *, k, block, mesh, axes):
+def _exact_topk(queries, gallery, k, block, mesh, axes):
+  """The reference kernel: every score in float32, a running top k."""
   n_valid = gallery.shape[0]
 
   def local(q, g, offset, axes):
     init = (jnp.full((q.shape[0], k), -jnp.inf, q.dtype),
             jnp.full((q.shape[0], k), -1, jnp.int32))
 
-    def step(carry, scores, ids, valid):
-      scores = jnp.where(valid, scores, -jnp.inf)
+    def step(carry, rows, ids, valid):
+      scores = jnp.where(valid, _exact_scores(q, rows), -jnp.inf)
       # The running list comes first: its ids are lower, so it wins ties.
       ids = jnp.broadcast_to(ids, scores.shape)
       return _merge_topk(jnp.concatenate([carry[0], scores], 1),
                          jnp.concatenate([carry[1], ids], 1), k)
 
-    return _scan_blocks(q, g, block, offset, n_valid, step, init, axes)
+    return _scan_blocks(g, block, offset, n_valid, step, init, axes)
 
   def merge(parts):
     s, i = (x.transpose(1, 0, 2).reshape(x.shape[1], -1) for x in parts)
@@ -142,32 +153,209 @@ def _topk(queries, gallery, *, k, block, mesh, axes):
   return _over_gallery(local, merge, queries, gallery, (), mesh, axes)
 
 
-def topk(queries, gallery, k, *, block=1024, mesh=None, axes=None):
+def _norm(x):
+  return jnp.sqrt(jnp.sum(jnp.square(x), -1))
+
+
+class Gallery(NamedTuple):
+  """A gallery with the bounds the bf16 screen needs: make it with
+  `prepare_gallery`, once, to spare every `topk` call a pass over it."""
+  rows: jax.Array  # (G, D) float32
+  bounds: jax.Array  # (2,): max row norm, max row norm of the bf16 error
+
+
+@jax.jit
+def _gallery_bounds(rows):
+  err = rows.astype(jnp.bfloat16).astype(jnp.float32) - rows
+  return jnp.stack([jnp.max(_norm(rows)), jnp.max(_norm(err))])
+
+
+def prepare_gallery(gallery):
+  """(G, D) float array -> Gallery for `topk` (its rows as float32)."""
+  rows = jnp.asarray(gallery, jnp.float32)
+  if rows.ndim != 2:
+    raise ValueError(f"gallery must be 2-D (n, D); got shape {rows.shape}")
+  return Gallery(rows, _gallery_bounds(rows))
+
+
+def _screen_margin(queries, gallery_norm, gallery_err):
+  """(Q,) bounds on |bf16 screen score - float32 score| over the gallery.
+
+  For a query q and gallery row g with bf16 roundings q' = q + dq and
+  g' = g + dg: q'.g' - q.g = dq.g' + q.dg, at most |dq||g'| + |q||dg|
+  (Cauchy-Schwarz). The screen sums the D products q'_i g'_i in float32
+  (each product is exact: 8-bit significands), so it is off q'.g' by at
+  most c |q'||g'|, c = 2 (D + 2) 2^-24 in any summation order, even with
+  accumulators that truncate instead of rounding (twice the usual bound);
+  any float32 score of q.g (the reference kernel's) is off q.g by at most
+  c |q||g|. With G = max |g|, E = max |dg| over the gallery and
+  |g'| <= G + E, the two scores differ by at most
+    |dq| (G + E) + |q| E + c (|q'| (G + E) + |q| G).
+  The factor (1 + 4c) and the extra 4 2^-24 in c cover the rounding of
+  these norms and of the certificate's one addition; the last term covers
+  subnormals flushed to zero (each of the < 4D operations moves by less
+  than 2^-126 (1 + |q| + |g|); D < 2^20).
+  """
+  q16 = queries.astype(jnp.bfloat16).astype(jnp.float32)
+  c = (2 * (queries.shape[1] + 2) + 4) * 2.0 ** -24
+  q_norm, g16_norm = _norm(queries), gallery_norm + gallery_err
+  bound = (_norm(q16 - queries) * g16_norm + q_norm * gallery_err
+           + c * (_norm(q16) * g16_norm + q_norm * gallery_norm))
+  return (1 + 4 * c) * bound + 2.0 ** -100 * (1 + q_norm) * (1 + gallery_norm)
+
+
+# The screen cuts each block's approximate scores into groups of this many
+# consecutive gallery rows and keeps a running list of the best groups by
+# their maximum: the running selection sorts GROUP times fewer numbers.
+GROUP = 16
+
+
+def _screen_usable(gallery, k, candidates, block, mesh, axes):
+  """Whether _screened_topk applies (else the reference kernel runs)."""
+  rows = -(-gallery.shape[0] // _n_shards(mesh, axes))
+  return (k <= candidates < gallery.shape[0] and min(block, rows) >= GROUP
+          and gallery.shape[1] < 2 ** 20)
+
+
+def _screened_topk(queries, gallery, bounds, k, candidates, block, mesh,
+                   axes):
+  """Exact top k via a bf16 screen -> (scores, ids, certified (Q,)).
+
+  Every gallery row is scored with bf16 inputs and float32 sums (YNNPACK
+  on AVX512_BF16 CPUs, the MXU / tensor cores elsewhere: about twice the
+  float32 rate); the best `candidates` rows by that score are rescored in
+  float32 and ranked as the reference kernel ranks them. A query is
+  certified when no row outside its candidates can reach its k-th best
+  float32 score: the best score left out, plus twice `_screen_margin`, is
+  below the k-th best candidate's screen score. Then its top k are exactly
+  the reference kernel's (up to the float32 rounding of the final scores,
+  as between any two float32 matmuls).
+  """
+  n_valid, n_q = gallery.shape[0], queries.shape[0]
+  rows = -(-gallery.shape[0] // _n_shards(mesh, axes))
+  block = min(block, rows) // GROUP * GROUP
+
+  def local(q, g, offset, axes):
+    # (D, Q): the gallery block is the dot's row-major left operand, the
+    # layout YNNPACK's bf16 kernels run fastest.
+    q16_t = q.astype(jnp.bfloat16).T
+    init = (jnp.full((n_q, candidates), -jnp.inf, jnp.float32),
+            jnp.full((n_q, candidates, GROUP), -jnp.inf, jnp.float32),
+            jnp.full((n_q, candidates), -1, jnp.int32))
+
+    def step(carry, rows, ids, valid):
+      best, values, first = carry
+      scores = jnp.dot(rows.astype(jnp.bfloat16), q16_t,
+                       preferred_element_type=jnp.float32)
+      scores = scores.reshape(-1, GROUP, n_q)
+      # Invalid rows (padding, or rows of the block before) count in their
+      # group's maximum: it stays an upper bound of its valid rows, all the
+      # selection and the certificate need, and the block is not masked.
+      group_max = jnp.max(scores, 1).T
+      best, pos = jax.lax.top_k(jnp.concatenate([best, group_max], 1),
+                                candidates)
+      kept = pos < candidates
+      new = jnp.maximum(pos - candidates, 0)
+      # The new groups' scores are read in the dot's layout: no transpose
+      # of the whole block.
+      new_values = jnp.where(valid.reshape(-1, GROUP)[new],
+                             scores[new, :, jnp.arange(n_q)[:, None]],
+                             -jnp.inf)
+      values = jnp.where(
+          kept[..., None],
+          jnp.take_along_axis(values, jnp.where(kept, pos, 0)[..., None], 1),
+          new_values)
+      first = jnp.where(kept, jnp.take_along_axis(first, jnp.where(
+          kept, pos, 0), 1), ids[new * GROUP])
+      return best, values, first
+
+    return _scan_blocks(g, block, offset, n_valid, step, init, axes)
+
+  def merge(parts):
+    best, values, first = parts
+    flat = lambda x: jnp.moveaxis(x, 0, 1).reshape(n_q, -1, *x.shape[3:])
+    # Every group left out of a shard's list is at most that list's last,
+    # which is at most the merged list's last.
+    best, pos = jax.lax.top_k(flat(best), candidates)
+    values = jnp.take_along_axis(flat(values), pos[..., None], 1)
+    first = jnp.take_along_axis(flat(first), pos, 1)
+    return best, values, first
+
+  best, values, first = _over_gallery(
+      local, merge, queries, gallery, (), mesh, axes)
+  ids = (first[..., None] + jnp.arange(GROUP, dtype=jnp.int32)).reshape(
+      n_q, -1)
+  screen, cand = _merge_topk(values.reshape(n_q, -1), ids, candidates)
+  left_out = jnp.maximum(best[:, -1], screen[:, -1])
+  certified = (left_out + 2 * _screen_margin(queries, *bounds)
+               < screen[:, k - 1])
+  # Lowest id first: top_k's tie rule (earlier column wins) is then the
+  # reference kernel's.
+  cand, screen = jax.lax.sort((cand, screen), dimension=1, num_keys=1)
+  rows = gallery[jnp.clip(cand, 0, n_valid - 1)]
+  exact = jnp.einsum("qd,qcd->qc", queries, rows, precision=HIGHEST)
+  exact = jnp.where(screen > -jnp.inf, exact, -jnp.inf)
+  scores, ids = _merge_topk(exact, cand, k)
+  return scores, ids, certified
+
+
+@xla_flags.jit_ynn_dots(
+    static_argnames=("k", "candidates", "block", "mesh", "axes"))
+def _topk(queries, gallery, bounds, *, k, candidates, block, mesh, axes):
+  args = (queries, gallery, k, block, mesh, axes)
+  if not _screen_usable(gallery, k, candidates, block, mesh, axes):
+    return _exact_topk(*args)
+  if bounds is None:
+    bounds = _gallery_bounds(gallery)
+  scores, ids, certified = _screened_topk(
+      queries, gallery, bounds, k, candidates, block, mesh, axes)
+  # A batch with a query the screen cannot certify (near-ties wider than
+  # its candidates) gets the reference kernel.
+  return jax.lax.cond(jnp.all(certified), lambda: (scores, ids),
+                      lambda: _exact_topk(*args))
+
+
+def topk(queries, gallery, k, *, block=1024, mesh=None, axes=None,
+         candidates=64):
   """The k highest inner products of each query against the gallery.
+
+  Exact: by default a bf16 screen picks `candidates` rows per query that
+  provably hold the float32 top k, which are then rescored in float32
+  (`_screened_topk`); a batch with a query the screen cannot certify, and
+  any call with k > candidates or a gallery too small for a screen, runs
+  the reference kernel, which scores every pair in float32.
 
   Args:
     queries: (Q, D) float array.
-    gallery: (G, D) float array. For cosine similarity pass L2-normalised
-      rows (`l2_normalize`); the kernel scores raw inner products.
+    gallery: (G, D) float array, or a `prepare_gallery` of one (then the
+      screen's bounds are not recomputed). For cosine similarity pass
+      L2-normalised rows (`l2_normalize`); the kernel scores raw inner
+      products.
     k: how many neighbours per query, 1 <= k <= G.
     block: gallery rows scored at a time (memory is about Q * block floats).
     mesh: optional `jax.sharding.Mesh`; the gallery is split over `axes`.
     axes: mesh axis name(s) to split the gallery over (default: all).
+    candidates: rows per query the screen keeps for float32 rescoring; 0
+      runs the reference kernel.
 
   Returns:
     (scores (Q, k) float32, ids (Q, k) int32), best first; ties go to the
     lower gallery index.
   """
   queries = jnp.asarray(queries, jnp.float32)
-  gallery = jnp.asarray(gallery, jnp.float32)
+  gallery, bounds = (gallery if isinstance(gallery, Gallery) else
+                     (jnp.asarray(gallery, jnp.float32), None))
   _check_embeddings(queries, gallery)
   if not 1 <= k <= gallery.shape[0]:
     raise ValueError(f"k={k} must be in [1, {gallery.shape[0]}] (gallery "
                      f"shape {gallery.shape})")
   if block < 1:
     raise ValueError(f"block={block} must be >= 1")
+  if candidates < 0:
+    raise ValueError(f"candidates={candidates} must be >= 0")
   axes = _mesh_axes(mesh, axes)
-  return _topk(queries, gallery, k=int(k), block=int(block), mesh=mesh,
+  return _topk(queries, gallery, bounds, k=int(k),
+               candidates=int(candidates), block=int(block), mesh=mesh,
                axes=axes)
 
 
@@ -191,14 +379,15 @@ def _positive_ranks(queries, gallery, self_index, pos_index, pos_mask, *,
     return (s_other > s_pos) | ((s_other == s_pos) & (id_other < id_pos))
 
   def local(q, g, offset, self_index, pos_index, pos_scores, axes):
-    def step(count, scores, ids, valid):
+    def step(count, rows, ids, valid):
+      scores = _exact_scores(q, rows)
       negative = (valid[None] & (ids[None] != self_index[:, None]) &
                   jnp.all(ids[None, :, None] != pos_index[:, None], -1))
       above = beats(scores[:, :, None], ids[None, :, None],
                     pos_scores[:, None], pos_index[:, None])  # (Q, B, P)
       return count + jnp.sum(above & negative[:, :, None], 1, dtype=jnp.int32)
 
-    return _scan_blocks(q, g, block, offset, n_valid, step,
+    return _scan_blocks(g, block, offset, n_valid, step,
                         jnp.zeros(pos_index.shape, jnp.int32), axes)
 
   neg_above = _over_gallery(local, lambda c: jnp.sum(c, 0), queries, gallery,
