@@ -50,6 +50,8 @@ Config fields (`config.input`, defaults in `default_config()`):
   feature_cache a directory nearid_jax.feature_cache.write built ("" =
                 none): train the head on its tokens, same groups in the
                 same order as from the images
+  feature_cache_dtype  how the cache stores tokens: "bfloat16", or
+                "float8_e4m3fn" (half the disk; docs/scaling.md)
 """
 import sys
 
@@ -85,6 +87,7 @@ def default_config():
   c.split_seed = 0
   c.rebuild = False
   c.feature_cache = ""
+  c.feature_cache_dtype = "bfloat16"
   return c
 
 
