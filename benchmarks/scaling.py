@@ -148,9 +148,9 @@ def table(found):
   return {k: tuple(v) for k, v in sorted(out.items())}
 
 
-def config_for(variant, res, batch, dtype="float32", scan=True):
+def config_for(variant, res, batch, dtype="float32"):
   c = training_config()
-  c.model.variant, c.model.res, c.model.scan = variant, res, scan
+  c.model.variant, c.model.res, c.model.scan = variant, res, True
   c.model.dtype = dtype
   c.input.batch_size = batch
   return c
