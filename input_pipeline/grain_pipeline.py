@@ -54,6 +54,8 @@ Config fields (`config.input`, defaults in `default_config()`):
                 feature_cache built for another run (tower, pixels or
                 data); without it that stops, naming the differences. An
                 intact cache of this run is kept, a damaged one rebuilt.
+  feature_cache_dtype  how the cache stores tokens: "bfloat16", or
+                "float8_e4m3fn" (half the disk; docs/scaling.md)
 """
 import sys
 
@@ -90,6 +92,7 @@ def default_config():
   c.rebuild = False
   c.feature_cache = ""
   c.feature_cache_overwrite = False
+  c.feature_cache_dtype = "bfloat16"
   return c
 
 

@@ -11,6 +11,7 @@ import sys
 
 import grain
 import jax
+import ml_dtypes
 import numpy as np
 from PIL import Image
 import pytest
@@ -416,6 +417,82 @@ def test_second_cache_writer_is_refused(data, tmp_path):
                      rf"\(pid {os.getppid()} .*lock file {lock}"):
     feature_cache.write(config, str(tmp_path), model=model)
   assert os.listdir(tmp_path) == [locks.NAME]
+
+
+def _all_tokens(cache_dir, in_memory_bytes=None):
+  cache = feature_cache.Cache(cache_dir)
+  lookup = feature_cache.TokenLookup(cache, skip_corrupt=True,
+                                     in_memory_bytes=in_memory_bytes)
+  ids = np.arange(cache.num_records).reshape(-1, 1)
+  return lookup.gather(lookup.load(ids, None)[0])[:, 0]
+
+
+def _record_sizes(cache_dir):
+  records = grain.sources.ArrayRecordDataSource(
+      feature_cache.Cache(cache_dir).shards)
+  return np.array([len(records[i]) for i in range(len(records))])
+
+
+def test_float8_cache_halves_the_disk_and_reads_back_bfloat16(data, tmp_path):
+  config, _, bf16_dir, model, bf16_meta = data
+  f8 = _config(config.input.data_dir, config.input.manual_dir,
+               **{"input.feature_cache_dtype": "float8_e4m3fn"})
+  meta = feature_cache.write(f8, str(tmp_path), model=model)
+  assert meta["token_dtype"] == "float8_e4m3fn"
+  assert bf16_meta["token_dtype"] == "bfloat16"
+  assert meta["images"] == bf16_meta["images"]
+  assert meta["clipped"] == bf16_meta["clipped"] == 0  # pico's are small
+  # One byte a value instead of two (4 x 64 values); markers as they were.
+  bf16_sizes, f8_sizes = _record_sizes(bf16_dir), _record_sizes(str(tmp_path))
+  tokens = bf16_sizes == 2 * 4 * 64
+  assert tokens.sum() == meta["images"] + 1  # + the black image's
+  np.testing.assert_array_equal(f8_sizes, np.where(tokens, 4 * 64,
+                                                   bf16_sizes))
+  want = _all_tokens(bf16_dir).astype(np.float32)
+  for in_memory_bytes in (None, 0):
+    got = _all_tokens(str(tmp_path), in_memory_bytes)
+    assert got.dtype == feature_cache.DTYPE
+    got = got.astype(np.float32)
+    # e4m3 keeps 4 significant bits: rounding moves a value by at most 2^-4
+    # of it (2^-10 below its smallest normal, 2^-6); one e4m3 step more
+    # where bfloat16 and float32 rounding of the tower's values disagree.
+    err = np.abs(got - want)
+    assert np.all(err <= 2.0 ** -3 * np.abs(want) + 2.0 ** -9), err.max()
+    # Most are the bfloat16 tokens rounded to e4m3; not all: a bfloat16 value
+    # on an e4m3 midpoint (1 in 16) was rounded from float32 either way.
+    rounded = want.astype(ml_dtypes.float8_e4m3fn).astype(np.float32)
+    assert (got == rounded).mean() > 0.95
+
+
+def test_float8_cache_saturates_and_counts_tokens_beyond_its_range(
+    data, tmp_path):
+  config, _, _, model, _ = data
+  f8 = _config(config.input.data_dir, config.input.manual_dir,
+               **{"input.feature_cache_dtype": "float8_e4m3fn"})
+  params = jax.tree.map(np.array, model.params)
+  params["img"]["Transformer"]["encoder_norm"]["scale"] *= 1e4
+  meta = feature_cache.write(f8, str(tmp_path),
+                             model=NearID(model.arch, params, scan=False))
+  assert meta["clipped"] > 0
+  got = np.abs(_all_tokens(str(tmp_path)).astype(np.float32))
+  assert got.max() == 448 and np.isfinite(got).all()
+
+
+def test_cache_of_another_token_dtype_is_refused(data):
+  config, _, cache_dir, model, _ = data
+  _refused(config, cache_dir, model,
+           {"input.feature_cache_dtype": "float8_e4m3fn"},
+           ["token dtype: the cache stores 'bfloat16', this config "
+            "'float8_e4m3fn' (input.feature_cache_dtype)"])
+  f8 = _config(config.input.data_dir, config.input.manual_dir,
+               **{"input.feature_cache_dtype": "float8_e4m3fn"})
+  with pytest.raises(feature_cache.CacheMismatch, match="token dtype"):
+    feature_cache.write(f8, cache_dir, model=model)
+  bad = _config(config.input.data_dir, config.input.manual_dir,
+                **{"input.feature_cache_dtype": "float16"})
+  with pytest.raises(ValueError, match=r"input.feature_cache_dtype='float16'"
+                     r": one of \['bfloat16', 'float8_e4m3fn'\]"):
+    feature_cache.write(bad, cache_dir, model=model)
 
 
 def test_not_a_cache_is_named(tmp_path, data):

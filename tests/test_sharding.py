@@ -149,3 +149,48 @@ def test_hlo_reading_on_a_hand_written_module():
       ("all-gather", "outside"): (1, 16 * 4),
       ("all-reduce", "outside"): (1, 2 * 3 * 4 + 5 * 2),
   }
+
+
+def _mesh_costs(spec, devices, flops, nbytes, reduce_bytes):
+  return {"mesh": spec, "devices": devices, "flops": flops, "bytes": nbytes,
+          "collectives": [["all-reduce", "outside", 6, reduce_bytes],
+                          ["all-gather", "layer", 27, 3 * reduce_bytes]]}
+
+
+def test_projection_arithmetic():
+  # Per device: 1 TFLOP replicated + 64 TFLOP split over the devices; bytes
+  # 2 GB + 80 GB split; 1 MB all-reduced and 3 MB gathered whatever the count.
+  measured = [_mesh_costs([["data", n]], n, 1e12 + 64e12 / n,
+                          2e9 + 80e9 / n, 1e6) for n in (8, 32)]
+  measured += [_mesh_costs([["data", n // 4], ["fsdp", 4]], n,
+                           1e12 + 64e12 / n, 2e9 + 80e9 / n, 1e6)
+               for n in (8, 32)]
+  rows = {(r["hardware"], r["layout"]): r
+          for r in scaling.project(measured, steps=3600, mfu=0.5)}
+  # One A100 has no fsdp axis; every other accelerator runs both layouts.
+  assert set(rows) == {(h, lay) for h in scaling.HARDWARE
+                       for lay in ("data", "data x fsdp")} - {
+                           ("1x A100 SXM", "data x fsdp")}
+  v5e = rows[("TPU v5e-16", "data")]  # 16 chips: 5 TFLOP, 7 GB a chip
+  assert v5e["compute"] == pytest.approx(5e12 / (0.5 * 197e12))
+  assert v5e["hbm"] == pytest.approx(7e9 / 819e9)
+  # Ring bytes: 2 x 1 MB all-reduced + 1 x 3 MB gathered, at 200 GB/s.
+  assert v5e["comm"] == pytest.approx(5e6 / 200e9)
+  assert v5e["step"] == pytest.approx(max(v5e["compute"], v5e["hbm"])
+                                      + v5e["comm"])
+  assert v5e["hours"] == pytest.approx(v5e["step"])  # 3,600 steps
+  assert v5e["chip_hours"] == pytest.approx(16 * v5e["step"])
+  a100 = rows[("1x A100 SXM", "data")]  # one chip: all of it, no network
+  assert a100["compute"] == pytest.approx(65e12 / (0.5 * 312e12))
+  assert a100["hbm"] == pytest.approx(82e9 / 2.039e12)
+  assert a100["comm"] == 0
+  # The cache: one forward = a step's FLOPs over its images.
+  plan, pays = scaling.cache_plan(768e12, 768, 3300, token_bytes=1000)
+  h100 = next(r for r in plan if r["hardware"] == "8x H100 SXM")
+  assert h100["rate"] == pytest.approx(8 * 989e12 * 0.5 / 1e12)
+  assert h100["write_hours"] == pytest.approx(
+      scaling.CACHE_IMAGES / h100["rate"] / 3600)
+  assert h100["epoch_hours"] == pytest.approx(
+      768 * 300 / h100["rate"] / 3600)  # 3,300 steps = 11 epochs of 300
+  assert h100["break_even_gbs"] == pytest.approx(h100["rate"] * 1000 / 1e9)
+  assert pays == -(-scaling.CACHE_IMAGES // (768 * 300))

@@ -36,7 +36,10 @@ Records, read as one sequence over the shards in process order:
   MTG train position i, after all NearID rows, 4 slots: views 0, 1, edits
     0, 1;
   the last record: the tokens of an all-black image.
-A record is the tokens (N, D) as raw bfloat16, row-major; b"" marks a slot
+A record is the tokens (N, D), row-major, raw in input.feature_cache_dtype:
+bfloat16, or float8_e4m3fn for half the disk (values beyond its +-448
+saturate; metadata counts them as `clipped`); read back as bfloat16 (e4m3
+values are exact in bfloat16). b"" marks a slot
 with no image, b"corrupt" one that did not decode (with input.skip_corrupt).
 One record per image, not per row: a group reads 6 of a row's up to 3 + 3S
 images (a source drawn per slot), so with the paper's 7 sources a per-row
@@ -86,7 +89,10 @@ from nearid_jax.model import tower_tokens
 
 METADATA = "metadata.json"
 EMPTY, CORRUPT = b"", b"corrupt"
-DTYPE = ml_dtypes.bfloat16
+DTYPE = ml_dtypes.bfloat16  # the tokens a reader returns
+# input.feature_cache_dtype -> the dtype records store.
+TOKEN_DTYPES = {"bfloat16": ml_dtypes.bfloat16,
+                "float8_e4m3fn": ml_dtypes.float8_e4m3fn}
 MTG_SLOTS = 4  # views 0, 1, edits 0, 1
 # Random access to single records; bf16 tokens barely compress.
 _WRITER_OPTIONS = "group_size:1,uncompressed"
@@ -141,7 +147,8 @@ def fingerprint(config, model, data=True):
          "dtype": config.model.dtype, "resize": config.input.resize,
          "tower_sha256": tower_sha256(model), "split": config.input.split,
          "sources": list(config.input.sources),
-         "mtg": config.input.mtg_repeat > 0}
+         "mtg": config.input.mtg_repeat > 0,
+         "token_dtype": config.input.feature_cache_dtype}
   if data:
     out["data"] = data_fingerprint(config.input)
   return out
@@ -216,6 +223,10 @@ def _mismatches(cached, wanted):
                f"{cached['sources']} (input.sources)")
   if wanted["mtg"] and not cached["mtg"]:
     bad.append("MTG: input.mtg_repeat > 0 but the cache holds no MTG rows")
+  stored = cached.get("token_dtype", "bfloat16")  # caches before float8
+  if stored != wanted["token_dtype"]:
+    bad.append(f"token dtype: the cache stores {stored!r}, this config "
+               f"{wanted['token_dtype']!r} (input.feature_cache_dtype)")
   if "data" in wanted:
     bad += _data_mismatches(cached, wanted["data"])
   return bad
@@ -345,6 +356,10 @@ def _write(config, out_dir, model, mesh, batch_size, overwrite, log):
                      f"{sharding.batch_axes(mesh)}) and the {count} "
                      "processes")
   local = batch_size // count
+  if cfg.feature_cache_dtype not in TOKEN_DTYPES:
+    raise ValueError(f"input.feature_cache_dtype={cfg.feature_cache_dtype!r}"
+                     f": one of {sorted(TOKEN_DTYPES)}")
+  stored = jnp.dtype(TOKEN_DTYPES[cfg.feature_cache_dtype])
 
   if overwrite is None:
     overwrite = cfg.get("feature_cache_overwrite", False)
@@ -403,10 +418,14 @@ def _write(config, out_dir, model, mesh, batch_size, overwrite, log):
 
   def forward(frozen, images, more):
     tokens = tower_tokens(tower, frozen, images)
-    return tokens.astype(jnp.bfloat16), jnp.any(more)
+    top = float(jnp.finfo(stored).max)  # float8 has no inf: saturate
+    clipped = jnp.sum(jnp.abs(tokens) > top, axis=(1, 2))
+    return (jnp.clip(tokens, -top, top).astype(stored), jnp.any(more),
+            clipped)
 
   forward = jax.jit(forward, in_shardings=(tower_spec, batch_spec, batch_spec),
-                    out_shardings=(batch_spec, sharding.replicated(mesh)),
+                    out_shardings=(batch_spec, sharding.replicated(mesh),
+                                   batch_spec),
                     compiler_options=model.compiler_options)
   spec = sharding.batch_spec(mesh)
   to_global = lambda x: multihost_utils.host_local_array_to_global_array(
@@ -414,7 +433,7 @@ def _write(config, out_dir, model, mesh, batch_size, overwrite, log):
 
   writer = array_record_module.ArrayRecordWriter(
       os.path.join(out_dir, _shard_name(p, count)), _WRITER_OPTIONS)
-  counts = {"images": 0, "empty": 0, "corrupt": 0}
+  counts = {"images": 0, "empty": 0, "corrupt": 0, "clipped": 0}
   records = 0  # written to this process's shard
   stream, exhausted, more, blank = slots(), False, True, None
   while more:
@@ -432,16 +451,18 @@ def _write(config, out_dir, model, mesh, batch_size, overwrite, log):
     x = np.zeros((local, cfg.res, cfg.res, 3), np.uint8)
     if images:
       x[:len(images)] = np.stack(images)
-    tokens, more = forward(frozen, to_global(x),
-                           to_global(np.full(local, not exhausted)))
-    tokens = np.asarray(multihost_utils.global_array_to_host_local_array(
-        tokens, mesh, spec))
+    tokens, more, clipped = forward(frozen, to_global(x),
+                                    to_global(np.full(local, not exhausted)))
+    tokens, clipped = (
+        np.asarray(multihost_utils.global_array_to_host_local_array(
+            a, mesh, spec)) for a in (tokens, clipped))
     for r in pending:
       writer.write(r if isinstance(r, bytes) else tokens[r].tobytes())
     records += len(pending)
     if blank is None and len(images) < local:  # every process meets one
       blank = tokens[len(images)].tobytes()
     counts["images"] += len(images)
+    counts["clipped"] += int(clipped[:len(images)].sum())
     more = bool(more)
   if p == count - 1:
     writer.write(blank)  # the last record, after every process's share
@@ -596,6 +617,7 @@ class TokenLookup:
   def __init__(self, cache, skip_corrupt=False, in_memory_bytes=None):
     self.path, self.skip_corrupt = cache.path, skip_corrupt
     self.shape = tuple(cache.meta["token_shape"])
+    self.stored = TOKEN_DTYPES[cache.meta.get("token_dtype", "bfloat16")]
     self.records = grain.sources.ArrayRecordDataSource(cache.shards)
     if len(self.records) != cache.num_records + 1:
       raise ValueError(f"feature cache {self.path} holds "
@@ -612,13 +634,14 @@ class TokenLookup:
     return {**self.__dict__, "_loaded": None}
 
   def _tokens(self, data):
-    return np.frombuffer(data, DTYPE).reshape(self.shape)
+    return np.frombuffer(data, self.stored).reshape(self.shape)
 
   def _memory(self):
-    """(tokens (R + 1, N, D), status (R + 1,)) of every record, read once."""
+    """(tokens (R + 1, N, D), status (R + 1,)) of every record, read once;
+    tokens as stored (float8 stays half the memory)."""
     if self._loaded is None:  # a racing reader thread only reads it twice
       n = len(self.records)
-      tokens = np.empty((n,) + self.shape, DTYPE)
+      tokens = np.empty((n,) + self.shape, self.stored)
       status = np.empty(n, np.uint8)
       for lo in range(0, n, _CHUNK):
         chunk = self.records.__getitems__(range(lo, min(n, lo + _CHUNK)))
@@ -657,9 +680,11 @@ class TokenLookup:
   def gather(self, loaded):
     """`load`'s output (permuted, concatenated) -> bfloat16 (b, n, N, D)."""
     if self.in_memory:
-      return self._memory()[0][loaded]
-    return np.frombuffer(b"".join(loaded.ravel()), DTYPE).reshape(
-        loaded.shape + self.shape)
+      tokens = self._memory()[0][loaded]
+    else:
+      tokens = np.frombuffer(b"".join(loaded.ravel()), self.stored).reshape(
+          loaded.shape + self.shape)
+    return tokens.astype(DTYPE, copy=False)
 
 
 def _as_tokens(batch):
