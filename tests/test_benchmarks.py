@@ -21,17 +21,21 @@ ROWS = {"train_demo", "train_demo_cached", "train_b16", "train_so400m",
         "input_demo", "input_demo_cached", "cache"}
 
 
-@pytest.mark.slow
-def test_quick_suite_measures_every_row(tmp_path):
-  out = tmp_path / "suite.json"
-  # The real CPU as one device (conftest fakes 8 for the sharding tests).
+def _run_quick(module, out_flag, out):
+  """`python -m module --quick` writing its JSON to `out` -> that JSON. The
+  real CPU as one device (conftest fakes 8 for the sharding tests)."""
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   proc = subprocess.run(
-      [sys.executable, "-m", "benchmarks.suite", "--quick", "--json",
-       str(out)], cwd=REPO, env=env, capture_output=True, text=True,
-      timeout=600, check=False)
+      [sys.executable, "-m", module, "--quick", out_flag, str(out)],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+      check=False)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-  result = json.loads(out.read_text())
+  return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_quick_suite_measures_every_row(tmp_path):
+  result = _run_quick("benchmarks.suite", "--json", tmp_path / "suite.json")
   rows = {r["name"]: r for r in result["rows"]}
   assert set(rows) == ROWS and len(result["rows"]) == len(ROWS)
   for name, r in rows.items():
@@ -107,14 +111,7 @@ def test_time_calls_settles_before_each_timed_call(settle, settle_s, least,
 
 @pytest.mark.slow
 def test_quick_accelerator_benchmark_measures_every_part(tmp_path):
-  out = tmp_path / "x.json"
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  proc = subprocess.run(
-      [sys.executable, "-m", "benchmarks.accelerator", "--quick", "--out",
-       str(out)], cwd=REPO, env=env, capture_output=True, text=True,
-      timeout=600, check=False)
-  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-  result = json.loads(out.read_text())
+  result = _run_quick("benchmarks.accelerator", "--out", tmp_path / "x.json")
   assert result["quick"] and result["device"]["kind"] == "cpu"
   parts = result["parts"]
   assert set(parts) == set(accelerator.PARTS)
