@@ -22,26 +22,27 @@ ROWS = {"train_demo", "train_demo_cached", "train_b16", "train_so400m",
 
 
 def _run_quick(module, out_flag, out):
-  """`python -m module --quick` writing its JSON to `out` -> that JSON. The
-  real CPU as one device (conftest fakes 8 for the sharding tests)."""
+  """`python -m module --quick` writing its JSON to `out` -> (that JSON, the
+  printed output). The real CPU as one device (conftest fakes 8 for the
+  sharding tests)."""
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   proc = subprocess.run(
       [sys.executable, "-m", module, "--quick", out_flag, str(out)],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
       check=False)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-  return json.loads(out.read_text())
+  return json.loads(out.read_text()), proc.stdout
 
 
 @pytest.mark.slow
 def test_quick_suite_measures_every_row(tmp_path):
-  result = _run_quick("benchmarks.suite", "--json", tmp_path / "suite.json")
+  result, stdout = _run_quick("benchmarks.suite", "--json", tmp_path / "suite.json")
   rows = {r["name"]: r for r in result["rows"]}
   assert set(rows) == ROWS and len(result["rows"]) == len(ROWS)
   for name, r in rows.items():
     assert r["rate"] > 0 and r["ms"] > 0, (name, r["impl"])
     assert r["rate"] == pytest.approx(1e3 * r["count"] / r["ms"])
-    assert f"| {name} |" in proc.stdout  # one table row each
+    assert f"| {name} |" in stdout  # one table row each
     if "ref_rate" in r:
       assert r["ratio"] == pytest.approx(r["rate"] / r["ref_rate"]), name
     if "gflops" in r:
@@ -111,13 +112,13 @@ def test_time_calls_settles_before_each_timed_call(settle, settle_s, least,
 
 @pytest.mark.slow
 def test_quick_accelerator_benchmark_measures_every_part(tmp_path):
-  result = _run_quick("benchmarks.accelerator", "--out", tmp_path / "x.json")
+  result, stdout = _run_quick("benchmarks.accelerator", "--out", tmp_path / "x.json")
   assert result["quick"] and result["device"]["kind"] == "cpu"
   parts = result["parts"]
   assert set(parts) == set(accelerator.PARTS)
   for name, r in parts.items():
     assert r["rate"] > 0 and r["size"] > 0, (name, r)
-    assert f"| {name} |" in proc.stdout  # one table row each
+    assert f"| {name} |" in stdout  # one table row each
   for name in ("forward", "train"):
     assert parts[name]["flops_per_call"] > 0
     assert parts[name]["flops_source"].startswith("XLA cost analysis")
