@@ -36,7 +36,8 @@ def _run_quick(module, out_flag, out):
 
 @pytest.mark.slow
 def test_quick_suite_measures_every_row(tmp_path):
-  result, stdout = _run_quick("benchmarks.suite", "--json", tmp_path / "suite.json")
+  result, stdout = _run_quick("benchmarks.suite", "--json",
+                              tmp_path / "suite.json")
   rows = {r["name"]: r for r in result["rows"]}
   assert set(rows) == ROWS and len(result["rows"]) == len(ROWS)
   for name, r in rows.items():
@@ -112,7 +113,8 @@ def test_time_calls_settles_before_each_timed_call(settle, settle_s, least,
 
 @pytest.mark.slow
 def test_quick_accelerator_benchmark_measures_every_part(tmp_path):
-  result, stdout = _run_quick("benchmarks.accelerator", "--out", tmp_path / "x.json")
+  result, stdout = _run_quick("benchmarks.accelerator", "--out",
+                              tmp_path / "x.json")
   assert result["quick"] and result["device"]["kind"] == "cpu"
   parts = result["parts"]
   assert set(parts) == set(accelerator.PARTS)
