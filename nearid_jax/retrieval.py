@@ -206,8 +206,10 @@ def _screen_margin(queries, gallery_norm, gallery_err):
 
 # The screen cuts each block's approximate scores into groups of this many
 # consecutive gallery rows and keeps a running list of the best groups by
-# their maximum: the running selection sorts GROUP times fewer numbers.
-GROUP = 16
+# their maximum: the running selection sorts GROUP times fewer numbers, and
+# each kept group's rows are read back from the block (GROUP strided reads
+# per query; 8 beat 4 and 16 on the retrieval row, docs/benchmarks.md).
+GROUP = 8
 
 
 def _screen_usable(gallery, k, candidates, block, mesh, axes):
