@@ -35,8 +35,10 @@ ALLOWED = (
     "input.num_threads", "input.prefetch",
     # The frozen tower's tokens read from a cache (checked against the
     # tower and the data when read) instead of computed: a speed-up; the
-    # cache holds them in bfloat16.
-    "input.feature_cache",
+    # cache holds them in bfloat16 (float8 is input.feature_cache_dtype,
+    # refused). Whether `--mode cache` may replace another run's cache is
+    # no part of training.
+    "input.feature_cache", "input.feature_cache_overwrite",
     # The remedies after a stop: no step so far met a corrupt image or a
     # non-finite update.
     "input.skip_corrupt", "on_nonfinite",
