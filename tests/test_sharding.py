@@ -54,6 +54,7 @@ def _compiled(config, spec):
       scaling.compiled_step_hlo(config, sharding.make_mesh(spec)))
 
 
+@pytest.mark.slow  # compiles two meshes' train steps
 def test_data_parallel_step_reduces_only_the_head(step_setup):
   config, _, sizes = step_setup
   found = _compiled(config, [("data", 8)])
@@ -71,6 +72,7 @@ def test_data_parallel_step_reduces_only_the_head(step_setup):
     assert nbytes <= sizes["embeddings"], op
 
 
+@pytest.mark.slow
 def test_fsdp_step_gathers_weights_per_layer_and_reduces_no_activation(
     step_setup):
   config, arch, sizes = step_setup
