@@ -43,6 +43,7 @@ def _perturbed(params, seed):
 
 # Each kernel set on one shape: that the two sets agree on any shape is
 # test_cpu_kernels_equal_plain_in_float64's.
+@pytest.mark.slow  # float64 gradients of two heads
 @pytest.mark.parametrize("kernels,width,heads,tokens",
                          [("plain", 64, 4, 36), ("cpu", 48, 3, 17)])
 def test_folded_map_head_equals_flax_attention_pooling(kernels, width, heads,

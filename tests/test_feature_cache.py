@@ -211,6 +211,7 @@ def test_cached_groups_are_the_image_pipelines(data, process_index,
     assert sum(int(b["n_skipped"].sum()) for b in got) >= 2
 
 
+@pytest.mark.slow  # compiles two train steps
 def test_head_steps_on_cache_match_steps_on_images(data):
   config, _, cache_dir, model, _ = data
   # train.setup's pieces on the fixture's model (no second tower init): one

@@ -46,6 +46,7 @@ def _info_nce(anchor, positives, tau):
   return np.mean(logsumexp(logits, axis=1)[:, None] - own)
 
 
+@pytest.mark.slow
 def test_objective_matches_numpy_infonce_on_scenes_and_objects():
   params = tp.init_params(ARCH, 0, object_head=True)
   images = np.random.default_rng(0).integers(
