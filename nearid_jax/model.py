@@ -201,12 +201,13 @@ class NearID:
   def _from_workdir(cls, workdir):
     """The model of the config saved with the workdir's newest readable
     checkpoint, with that checkpoint's head."""
-    config = workdir_lib.read_config(workdir)
+    config, config_step = workdir_lib.read_config_and_step(workdir)
     model = cls.from_config(config)
     head, model.step = workdir_lib.restore_head(
         workdir, jax.device_get(model.params["head"]))
-    if (workdir_lib.read_config(workdir, model.step).to_dict()
-        != config.to_dict()):  # past an unreadable newest checkpoint
+    if (config_step not in (None, model.step)  # past an unreadable newest
+        and workdir_lib.read_config(workdir, model.step).to_dict()
+        != config.to_dict()):
       raise ValueError(
           f"{workdir}: checkpoint {model.step}, the newest readable one, was "
           "trained with another config than the newest (unreadable) one; "

@@ -23,6 +23,12 @@ def read_config(workdir, step=None):
   of config.json after training changes nothing. config.json for a
   checkpoint saved before configs were kept with checkpoints. Read-only, as
   restore_head."""
+  return read_config_and_step(workdir, step)[0]
+
+
+def read_config_and_step(workdir, step=None):
+  """-> (read_config's config, the step it was read from; None when it is
+  config.json's)."""
   mngr = checkpointing.manager(workdir, read_only=True)
   steps = sorted(mngr.all_steps(), reverse=True) if step is None else [step]
   for s in steps:
@@ -34,9 +40,9 @@ def read_config(workdir, step=None):
       continue  # unreadable: restore_head reports it and reads an older one
     if saved is None:
       break
-    return ml_collections.ConfigDict(saved)
+    return ml_collections.ConfigDict(saved), s
   with open(os.path.join(workdir, "config.json")) as f:
-    return ml_collections.ConfigDict(json.load(f))
+    return ml_collections.ConfigDict(json.load(f)), None
 
 
 def restore_head(workdir, head):

@@ -151,6 +151,24 @@ def test_readers_use_the_checkpoints_config_not_an_edited_one(run):
   assert model.arch.image_size == 64 and model.step == 2
 
 
+@pytest.mark.slow  # three reads of the unreadable step, 1 s and 2 s apart
+def test_a_reader_past_an_unreadable_checkpoint_of_another_config(tower, run):
+  """The newest checkpoint (another config) cannot be read: the model of the
+  newest config must not get the older checkpoint's head."""
+  config = tower_config(tower)
+  train.check_config(config)
+  config.eval.batch_size = 16
+  state, _ = train.create_train_state(
+      config, NearID.from_config(config).params["head"])
+  checkpointing.save(checkpointing.manager(run, async_save=False), 3,
+                     state.replace(step=jnp.array(3)),
+                     config=config_drift.as_json(config))
+  shutil.rmtree(os.path.join(run, "checkpoints", "3", "state"))
+  with pytest.raises(ValueError, match=r"checkpoint 2, the newest readable "
+                     "one, was trained with another config"):
+    NearID.load(run)
+
+
 def test_checkpoints_without_a_config_fall_back_to_config_json(tower, run):
   """Workdirs written before configs were kept with checkpoints."""
   shutil.rmtree(os.path.join(run, "checkpoints", "2", "config"))
