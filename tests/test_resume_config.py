@@ -151,6 +151,24 @@ def test_readers_use_the_checkpoints_config_not_an_edited_one(run):
   assert model.arch.image_size == 64 and model.step == 2
 
 
+def test_an_unreadable_newest_config_is_compared_past(tower, run):
+  """The resume compares with the newest checkpoint whose config reads
+  (the restore then sets the unreadable one aside), not crash on it."""
+  config = tower_config(tower)
+  train.check_config(config)
+  state, _ = train.create_train_state(
+      config, NearID.from_config(config).params["head"])
+  checkpointing.save(checkpointing.manager(run, async_save=False), 3,
+                     state.replace(step=jnp.array(3)),
+                     config=config_drift.as_json(config))
+  with open(os.path.join(run, "checkpoints", "3", "config", "metadata"),
+            "w") as f:
+    f.write("{not json")
+  with pytest.raises(config_drift.ConfigChanged,
+                     match=r"its checkpoint of step 2 .*\n  lr: 0.01 -> 0.5"):
+    _resume(tower_config(tower, lr=0.5), run, print)
+
+
 @pytest.mark.slow  # three reads of the unreadable step, 1 s and 2 s apart
 def test_a_reader_past_an_unreadable_checkpoint_of_another_config(tower, run):
   """The newest checkpoint (another config) cannot be read: the model of the

@@ -15,8 +15,8 @@ import os
 import jax
 import ml_collections
 
-from nearid_jax import checkpointing
 from nearid_jax import optim
+from nearid_jax import workdir as workdir_lib
 
 FLAG = "resume_with_changes"
 
@@ -143,9 +143,17 @@ def check_and_record(config, workdir, mngr, log=print):
   new = as_json(config)
   path = os.path.join(workdir, "config.json")
   previous = _read(path)
-  step = mngr.latest_step()
-  saved = None if step is None else (
-      checkpointing.saved_config(mngr, step) or previous)
+  step, saved = mngr.latest_step(), None
+  if step is not None:
+    # The newest checkpoint's config that reads (an unreadable checkpoint
+    # is set aside by the restore that follows), else config.json.
+    try:
+      saved, read_step = workdir_lib.read_config_and_step(workdir)
+    except FileNotFoundError:  # neither: nothing to compare with
+      pass
+    else:
+      saved = as_json(saved)
+      step = step if read_step is None else read_step
   if saved is not None:
     diff = changes(saved, new)
     refused = [d for d in diff if not allowed(d[0])]
